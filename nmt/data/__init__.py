@@ -1,0 +1,1 @@
+"""Data: reading corpora, SentencePiece, binarized datasets, batching."""

@@ -1,0 +1,1 @@
+"""Training: loss, optimizers and schedules, precision, checkpoints, the trainer loop."""
