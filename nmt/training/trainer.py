@@ -1,0 +1,380 @@
+"""The training loop: token-budget batches, label-smoothed loss, accumulation, clipping, validation,
+best/last checkpoints, early stopping, exact resume, and a log.jsonl of every logged step."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm import tqdm
+
+from nmt.config import Config, dump_config, to_dict
+from nmt.data.batching import collate, token_batches
+from nmt.data.dataset import ParallelData, read_text
+from nmt.data.tokenizer import Tokenizer
+from nmt.device import resolve_device
+from nmt.errors import NmtError
+from nmt.evaluation import bleu
+from nmt.inference.translator import decode_ids
+from nmt.models.zoo import build_model
+from nmt.training.checkpoint import load_checkpoint, save_checkpoint
+from nmt.training.loss import label_smoothed_nll
+from nmt.training.optim import build_optimizer, build_scheduler
+from nmt.training.precision import autocast, make_grad_scaler, resolve_precision
+
+MAX_NONFINITE_IN_A_ROW = 5
+HIGHER_IS_BETTER = {"bleu": True, "loss": False, "ppl": False}
+
+
+@dataclass
+class TrainState:
+    """Counters that, with the model/optimizer/schedule/RNG states, define where training is."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed
+    best: Optional[float] = None
+    bad_validations: int = 0
+    nonfinite_in_a_row: int = 0
+    skipped_updates: int = 0
+    elapsed: float = 0.0  # training wall time in seconds, across resumes
+    history: list[dict] = field(default_factory=list)  # validation results
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between updates (checkpoint, then exit cleanly)."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    """Owns one training run in `cfg.train.run_dir`."""
+
+    def __init__(self, cfg: Config, device: str = "auto", resume: bool = False, force: bool = False,
+                 quiet: bool = False):
+        self.cfg = cfg
+        self.quiet = quiet
+        self.device = resolve_device(device)
+        self.run_dir = Path(cfg.train.run_dir)
+        self.data_dir = Path(cfg.data.dir)
+        if not cfg.train.run_dir:
+            raise NmtError("train.run_dir: required key is missing")
+        self.train_data = ParallelData.open(self.data_dir, "train")
+        self.valid_data = ParallelData.open(self.data_dir, "valid")
+        self.valid_refs = read_text(self.data_dir, "valid", "tgt")
+        self.src_tok = Tokenizer.load(self.data_dir / "spm.src.model")
+        self.tgt_tok = Tokenizer.load(self.data_dir / "spm.tgt.model")
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg.model, self.src_tok.vocab_size, self.tgt_tok.vocab_size).to(self.device)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.train.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train.schedule, cfg.train.max_steps)
+        self.scaler = make_grad_scaler(self.precision, self.device)
+        self.state = TrainState()
+        self._prepare_run_dir(resume, force)
+
+    # -- run directory -------------------------------------------------------------------------
+
+    def _prepare_run_dir(self, resume: bool, force: bool) -> None:
+        last = self.run_dir / "last.pt"
+        if resume and force:
+            raise NmtError("--resume and --force contradict each other: choose one")
+        if resume:
+            if not last.exists():
+                raise NmtError(f"{last}: nothing to resume (no last.pt in the run directory)")
+            self._restore(load_checkpoint(last, map_location=self.device))
+            return
+        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+            if not force:
+                raise NmtError(
+                    f"{self.run_dir}: run directory is not empty (use --resume to continue it, "
+                    "or --force to start over)"
+                )
+            shutil.rmtree(self.run_dir)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
+            for side in ("src", "tgt"):
+                shutil.copyfile(self.data_dir / f"spm.{side}.model", self.run_dir / f"spm.{side}.model")
+        except OSError as e:
+            raise NmtError(f"{self.run_dir}: cannot write the run directory ({e.strerror})") from None
+
+    def _payload(self) -> dict[str, Any]:
+        return {
+            "config": to_dict(self.cfg),
+            "model": self.model.state_dict(),
+            "src_vocab_size": self.src_tok.vocab_size,
+            "tgt_vocab_size": self.tgt_tok.vocab_size,
+            "vocab": {"src": self.src_tok.fingerprint, "tgt": self.tgt_tok.fingerprint},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "train_state": to_dict(self.state),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
+        }
+
+    def _save(self, name: str) -> None:
+        try:
+            save_checkpoint(self.run_dir / name, self._payload())
+        except OSError as e:
+            raise NmtError(f"{self.run_dir / name}: cannot write checkpoint ({e.strerror})") from None
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        if ckpt.get("vocab") != {"src": self.src_tok.fingerprint, "tgt": self.tgt_tok.fingerprint}:
+            raise NmtError(f"{self.run_dir}: the data directory's SentencePiece models differ from the run's")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError:
+            raise NmtError(f"{self.run_dir / 'last.pt'}: the checkpoint does not fit the configured model") from None
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = TrainState(**ckpt["train_state"])
+        self._truncate_log(self.state.step)
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        if self.device.type == "cuda" and ckpt["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log records written after `step` (by a run that died after its last checkpoint)."""
+        log = self.run_dir / "log.jsonl"
+        if not log.exists():
+            return
+        kept = [line for line in log.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        log.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- one update ------------------------------------------------------------------------------
+
+    def _update(self, batches: list[Any]) -> tuple[float, float, int, int]:
+        """Forward/backward `batches` (accumulated) and step the optimizer.
+
+        Returns (loss per token, nll per token, target tokens, source tokens).
+        """
+        self.model.train()
+        n_tokens = sum(b.n_tgt_tokens for b in batches)
+        loss_total = nll_total = 0.0
+        for batch in batches:
+            batch = batch.to(self.device)
+            with autocast(self.precision, self.device):
+                logits = self.model(batch.src, batch.tgt_in)
+            loss, nll, _ = label_smoothed_nll(logits, batch.tgt_out, self.cfg.train.label_smoothing)
+            scaled = loss / n_tokens
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_total += loss.item()
+            nll_total += nll.item()
+        if not math.isfinite(loss_total):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.skipped_updates += 1
+            self.state.nonfinite_in_a_row += 1
+            if self.state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                raise NmtError(
+                    f"training diverged: non-finite loss in {MAX_NONFINITE_IN_A_ROW} updates in a row at step "
+                    f"{self.state.step} (lower train.optimizer.lr or check the data)"
+                )
+            return math.nan, math.nan, n_tokens, sum(b.n_src_tokens for b in batches)
+        self.state.nonfinite_in_a_row = 0
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.train.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss_total / n_tokens, nll_total / n_tokens, n_tokens, sum(b.n_src_tokens for b in batches)
+
+    # -- validation --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Valid loss, perplexity and BLEU of greedy/beam decoding."""
+        self.model.eval()
+        cfg = self.cfg.train
+        nll_total, tokens = 0.0, 0
+        lengths = self.valid_data.src_lengths, self.valid_data.tgt_lengths
+        for idx in token_batches(*lengths, cfg.batch_tokens, seed=0, epoch=0, shuffle=False):
+            batch = collate(self.valid_data, idx).to(self.device)
+            with autocast(self.precision, self.device):
+                logits = self.model(batch.src, batch.tgt_in)
+            _, nll, n = label_smoothed_nll(logits, batch.tgt_out, 0.0)
+            nll_total += nll.item()
+            tokens += n
+        sources = [self.valid_data.source_ids(i) for i in range(len(self.valid_data))]
+        with autocast(self.precision, self.device):
+            hyps = decode_ids(self.model, sources, beam=cfg.valid_beam, batch_size=cfg.valid_batch_size,
+                              device=self.device)
+        texts = [self.tgt_tok.decode(h[0].tokens) for h in hyps]
+        loss = nll_total / max(tokens, 1)
+        return {"loss": loss, "ppl": math.exp(min(loss, 100.0)), "bleu": bleu(texts, self.valid_refs)}
+
+    def _after_validation(self, result: dict[str, float]) -> bool:
+        """Record a validation; save best/periodic checkpoints. Returns True to stop early."""
+        cfg = self.cfg.train
+        metric = cfg.early_stopping.metric
+        higher = HIGHER_IS_BETTER[metric]
+        value = result[metric]
+        improved = self.state.best is None or (value > self.state.best if higher else value < self.state.best)
+        if improved:
+            self.state.best = value
+            self.state.bad_validations = 0
+        else:
+            self.state.bad_validations += 1
+        self.scheduler.on_validation(value, higher)
+        self.state.history.append({"step": self.state.step, **result})
+        self._log({"type": "valid", "step": self.state.step, "epoch": self.state.epoch, **result,
+                   "best": self.state.best, "elapsed": round(self.state.elapsed, 1)})
+        if improved:
+            self._save("best.pt")
+        if cfg.keep_last > 0:
+            self._save(f"ckpt_step{self.state.step:08d}.pt")
+            periodic = sorted(self.run_dir.glob("ckpt_step*.pt"))
+            for old in periodic[: -cfg.keep_last]:
+                old.unlink(missing_ok=True)
+        self._say(
+            f"step {self.state.step}: valid loss {result['loss']:.3f} ppl {result['ppl']:.2f} "
+            f"bleu {result['bleu']:.2f}{' (best)' if improved else ''}"
+        )
+        patience = cfg.early_stopping.patience
+        return patience > 0 and self.state.bad_validations >= patience
+
+    def _say(self, message: str) -> None:
+        if not self.quiet:
+            tqdm.write(message, file=sys.stderr)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _limits_reached(self) -> Optional[str]:
+        cfg = self.cfg.train
+        if cfg.max_steps and self.state.step >= cfg.max_steps:
+            return f"reached train.max_steps={cfg.max_steps}"
+        if cfg.max_epochs and self.state.epoch >= cfg.max_epochs:
+            return f"reached train.max_epochs={cfg.max_epochs}"
+        if cfg.max_minutes and self.state.elapsed >= cfg.max_minutes * 60:
+            return f"reached train.max_minutes={cfg.max_minutes}"
+        return None
+
+    def summary(self) -> str:
+        counts = self.model.parameter_summary()
+        parts = ", ".join(f"{k} {v:,}" for k, v in counts.items() if k != "total")
+        cfg = self.cfg.train
+        return (
+            f"model: {counts['total']:,} parameters ({parts}); device {self.device}, precision {self.precision}; "
+            f"effective batch {cfg.batch_tokens} tokens x update_freq {cfg.update_freq}; "
+            f"{len(self.train_data):,} training pairs"
+        )
+
+    def train(self) -> dict[str, Any]:
+        """Run until a limit or early stopping; returns a summary of the run."""
+        cfg = self.cfg.train
+        self._say(self.summary())
+        stop_reason = self._limits_reached()
+        bar = tqdm(total=cfg.max_steps or None, initial=self.state.step, disable=self.quiet, unit="step",
+                   dynamic_ncols=True, file=sys.stderr)
+        lengths = self.train_data.src_lengths, self.train_data.tgt_lengths
+        window = {"loss": 0.0, "nll": 0.0, "tgt": 0, "src": 0, "updates": 0, "start": time.perf_counter()}
+        validated_at = self.state.step
+        with _StopRequest() as stop:
+            while stop_reason is None:
+                batches = token_batches(*lengths, cfg.batch_tokens, seed=cfg.seed, epoch=self.state.epoch)
+                while self.state.batch_in_epoch < len(batches) and stop_reason is None:
+                    t0 = time.perf_counter()
+                    chunk = batches[self.state.batch_in_epoch: self.state.batch_in_epoch + cfg.update_freq]
+                    loss, nll, n_tgt, n_src = self._update([collate(self.train_data, idx) for idx in chunk])
+                    self.state.batch_in_epoch += len(chunk)
+                    self.state.step += 1
+                    self.state.elapsed += time.perf_counter() - t0
+                    if math.isfinite(loss):
+                        window["loss"] += loss * n_tgt
+                        window["nll"] += nll * n_tgt
+                    window["tgt"] += n_tgt
+                    window["src"] += n_src
+                    window["updates"] += 1
+                    bar.update(1)
+                    if self.state.step % cfg.log_every == 0:
+                        self._log_window(window, bar)
+                    if self.state.step % cfg.valid_every == 0:
+                        t0 = time.perf_counter()
+                        if self._after_validation(self.validate()):
+                            stop_reason = f"early stopping: no {cfg.early_stopping.metric} improvement in " \
+                                          f"{cfg.early_stopping.patience} validations"
+                        self.state.elapsed += time.perf_counter() - t0
+                        validated_at = self.state.step
+                        self._save("last.pt")
+                    if stop.signal is not None:
+                        self._save("last.pt")
+                        bar.close()
+                        name = signal.Signals(stop.signal).name
+                        raise NmtError(
+                            f"interrupted by {name} at step {self.state.step}; checkpoint saved to "
+                            f"{self.run_dir / 'last.pt'}; continue with: nmt train {self.cfg.path or 'CONFIG'} --resume"
+                        )
+                    stop_reason = stop_reason or self._limits_reached()
+                if self.state.batch_in_epoch >= len(batches):
+                    self.state.epoch += 1
+                    self.state.batch_in_epoch = 0
+                    stop_reason = stop_reason or self._limits_reached()
+        bar.close()
+        if validated_at != self.state.step:
+            self._after_validation(self.validate())
+        self._save("last.pt")
+        self._say(f"stopped: {stop_reason}; best {cfg.early_stopping.metric} {self.state.best}")
+        return {"steps": self.state.step, "epochs": self.state.epoch, "best": self.state.best,
+                "stop_reason": stop_reason, "elapsed": self.state.elapsed}
+
+    def _log_window(self, window: dict[str, Any], bar: tqdm) -> None:
+        seconds = max(time.perf_counter() - window["start"], 1e-9)
+        loss = window["loss"] / max(window["tgt"], 1)
+        record = {
+            "type": "train", "step": self.state.step, "epoch": self.state.epoch,
+            "loss": round(loss, 5), "nll": round(window["nll"] / max(window["tgt"], 1), 5),
+            "lr": self.scheduler.lr, "tgt_tokens_per_s": round(window["tgt"] / seconds, 1),
+            "src_tokens_per_s": round(window["src"] / seconds, 1), "elapsed": round(self.state.elapsed, 1),
+            "skipped_updates": self.state.skipped_updates,
+        }
+        self._log(record)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.scheduler.lr:.2e}", tok_s=f"{record['tgt_tokens_per_s']:.0f}")
+        window.update(loss=0.0, nll=0.0, tgt=0, src=0, updates=0, start=time.perf_counter())
+
+
+def train(cfg: Config, device: str = "auto", resume: bool = False, force: bool = False,
+          quiet: bool = False) -> dict[str, Any]:
+    """Train the model described by `cfg` (the `nmt train` command)."""
+    return Trainer(cfg, device=device, resume=resume, force=force, quiet=quiet).train()
