@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import click
 import typer
@@ -43,7 +42,7 @@ def train(
     config: Path = typer.Argument(..., help="YAML config"),
     overrides: list[str] = typer.Option([], "--set", help="override a config key: KEY.PATH=VALUE"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
-    precision: Optional[str] = typer.Option(None, help="fp32 | bf16 | fp16 | auto (overrides train.precision)"),
+    precision: str | None = typer.Option(None, help="fp32 | bf16 | fp16 | auto (overrides train.precision)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in train.run_dir from last.pt"),
     force: bool = typer.Option(False, "--force", help="delete an existing run directory and start over"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
@@ -61,8 +60,8 @@ def train(
 @app.command()
 def translate(
     model: Path = typer.Option(..., "--model", "-m", help="run directory (uses best.pt) or checkpoint file"),
-    input: Optional[Path] = typer.Option(None, "--input", "-i", help="source text (default: stdin)"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write here (default: stdout)"),
+    input: Path | None = typer.Option(None, "--input", "-i", help="source text (default: stdin)"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="write here (default: stdout)"),
     beam: int = typer.Option(5, "--beam", min=1, help="beam size; 1 = greedy"),
     nbest: int = typer.Option(1, "--nbest", min=1, help="hypotheses per input (consecutive lines)"),
     lenpen: float = typer.Option(1.0, "--lenpen", help="length penalty: score = logprob / length**lenpen"),
@@ -87,10 +86,10 @@ def translate(
 
 @app.command()
 def evaluate(
-    hyp: Optional[Path] = typer.Option(None, "--hyp", help="hypothesis file"),
+    hyp: Path | None = typer.Option(None, "--hyp", help="hypothesis file"),
     ref: list[Path] = typer.Option(..., "--ref", help="reference file (repeat for several references)"),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="translate --src with this model first"),
-    src: Optional[Path] = typer.Option(None, "--src", help="source file to translate (with -m)"),
+    model: Path | None = typer.Option(None, "--model", "-m", help="translate --src with this model first"),
+    src: Path | None = typer.Option(None, "--src", help="source file to translate (with -m)"),
     beam: int = typer.Option(5, "--beam", min=1),
     lenpen: float = typer.Option(1.0, "--lenpen"),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
@@ -144,8 +143,8 @@ def toy_corpus(
 def average(
     checkpoints: list[Path] = typer.Argument(None, help="checkpoints to average"),
     output: Path = typer.Option(..., "--output", "-o", help="averaged checkpoint to write"),
-    last: Optional[int] = typer.Option(None, "--last", min=1, help="average the last N periodic checkpoints"),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="run directory for --last"),
+    last: int | None = typer.Option(None, "--last", min=1, help="average the last N periodic checkpoints"),
+    run_dir: Path | None = typer.Option(None, "--run-dir", help="run directory for --last"),
 ) -> None:
     """Average the parameters of several checkpoints (e.g. the last N of a run)."""
     from nmt.training.average import average_run, write_average
@@ -168,7 +167,7 @@ def _info(message: str, quiet: bool) -> None:
         print(message, file=sys.stderr)
 
 
-def _read_input(path: Optional[Path]) -> list[str]:
+def _read_input(path: Path | None) -> list[str]:
     from nmt.data.corpus import read_lines, read_stream
 
     if path is None or str(path) == "-":
@@ -176,7 +175,7 @@ def _read_input(path: Optional[Path]) -> list[str]:
     return read_lines(path)
 
 
-def _write_output(path: Optional[Path], lines: list[str]) -> None:
+def _write_output(path: Path | None, lines: list[str]) -> None:
     """Write all lines at once; a file is written to a temporary name and renamed when complete."""
     text = "".join(line + "\n" for line in lines)
     if path is None or str(path) == "-":

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -57,8 +57,8 @@ class VocabConfig:
     type: Literal["unigram", "bpe"] = "unigram"
     size: int = opt(8000, gt=0, doc="subword vocabulary size (per side when not joint)")
     joint: bool = opt(True, doc="one SentencePiece model for both languages")
-    src_model: Optional[str] = opt(None, doc="reuse this SentencePiece model instead of training")
-    tgt_model: Optional[str] = opt(None, doc="reuse this target model (separate vocabularies)")
+    src_model: str | None = opt(None, doc="reuse this SentencePiece model instead of training")
+    tgt_model: str | None = opt(None, doc="reuse this target model (separate vocabularies)")
     character_coverage: float = opt(1.0, gt=0, le=1)
     sample_sentences: int = opt(1_000_000, gt=0, doc="sentences sampled to train SentencePiece")
 
@@ -69,7 +69,7 @@ class DataConfig:
     tgt_lang: str = "tgt"
     train: str = opt("", doc="path prefix: files are PREFIX.SRC_LANG and PREFIX.TGT_LANG (.gz allowed)")
     valid: str = ""
-    test: Optional[str] = None
+    test: str | None = None
     dir: str = opt("", doc="binarized output directory")
     max_len: int = opt(100, gt=0, doc="drop training pairs longer than this (subword tokens)")
     max_len_ratio: float = opt(3.0, gt=0, doc="drop training pairs whose length ratio exceeds this")
@@ -108,7 +108,7 @@ class OptimizerConfig:
 class ScheduleConfig:
     type: Literal["constant", "noam", "inverse_sqrt", "linear", "cosine", "plateau"] = "constant"
     warmup_steps: int = opt(0, ge=0)
-    total_steps: Optional[int] = opt(None, gt=0, doc="linear/cosine: decay horizon (default train.max_steps)")
+    total_steps: int | None = opt(None, gt=0, doc="linear/cosine: decay horizon (default train.max_steps)")
     min_lr: float = opt(0.0, ge=0)
     plateau_factor: float = opt(0.5, gt=0, lt=1)
     plateau_patience: int = opt(2, ge=0, doc="validations without improvement before decaying")
@@ -128,7 +128,7 @@ class TrainConfig:
     update_freq: int = opt(1, gt=0, doc="gradient accumulation: batches per optimizer step")
     max_steps: int = opt(10000, ge=0, doc="0 = no step limit")
     max_epochs: int = opt(100, ge=0, doc="0 = no epoch limit")
-    max_minutes: Optional[float] = opt(None, gt=0, doc="wall-time budget")
+    max_minutes: float | None = opt(None, gt=0, doc="wall-time budget")
     optimizer: OptimizerConfig = opt(factory=OptimizerConfig)
     schedule: ScheduleConfig = opt(factory=ScheduleConfig)
     clip_norm: float = opt(1.0, ge=0, doc="gradient-norm clipping; 0 = off")
@@ -147,7 +147,7 @@ class Config:
     data: DataConfig = opt(factory=DataConfig)
     model: ModelConfig = opt(factory=ModelConfig)
     train: TrainConfig = opt(factory=TrainConfig)
-    path: Optional[str] = opt(None, doc="(set by the loader) the file this config came from")
+    path: str | None = opt(None, doc="(set by the loader) the file this config came from")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -37,7 +36,7 @@ class EncoderDecoder(nn.Module):
         self.encoder = zoo.build_encoder(cfg.encoder, emb.src_dim)
         self.decoder = zoo.build_decoder(cfg.decoder, emb.tgt_dim, self.encoder.output_size, cfg.attention)
         hidden = self.decoder.output_size
-        self.pre_output: Optional[nn.Module] = None
+        self.pre_output: nn.Module | None = None
         if emb.tie_output and hidden != emb.tgt_dim:
             self.pre_output = nn.Linear(hidden, emb.tgt_dim, bias=False)
             hidden = emb.tgt_dim
@@ -63,7 +62,7 @@ class EncoderDecoder(nn.Module):
 
     def decode(
         self, tgt_in: torch.Tensor, enc: EncoderOutput, state: DecoderState
-    ) -> tuple[torch.Tensor, DecoderState, Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
         """tgt_in [B, T] ids -> (logits [B, T, V], new state, attention [B, T, S] or None)."""
         emb = self.embed_dropout(self.tgt_embed(tgt_in) * self.tgt_scale)
         hidden, state, attn = self.decoder(emb, enc, state)
@@ -84,7 +83,7 @@ class EncoderDecoder(nn.Module):
 
     def decode_step(
         self, prev_tokens: torch.Tensor, enc: EncoderOutput, state: DecoderState
-    ) -> tuple[torch.Tensor, DecoderState, Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
         """One incremental step: prev_tokens [B] -> (log-probs [B, V] in fp32, state, attention [B, S])."""
         logits, state, attn = self.decode(prev_tokens.unsqueeze(1), enc, state)
         log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1)

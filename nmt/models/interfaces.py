@@ -9,7 +9,6 @@ and reorder it generically (see `Decoder.reorder_state`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -23,7 +22,7 @@ class EncoderOutput:
 
     memory: torch.Tensor  # [B, S, H] encoder states h_1..h_S
     mask: torch.Tensor  # [B, S] bool, True = real source token
-    final: Optional[torch.Tensor]  # [B, H] summary state h_N (last real position), or None
+    final: torch.Tensor | None  # [B, H] summary state h_N (last real position), or None
 
     def index_select(self, index: torch.Tensor) -> EncoderOutput:
         """Rows `index` of the batch (beam search expands each sentence to K rows this way)."""
@@ -59,7 +58,7 @@ class Decoder(nn.Module):
 
     def forward(
         self, tgt_emb: torch.Tensor, enc: EncoderOutput, state: DecoderState
-    ) -> tuple[torch.Tensor, DecoderState, Optional[torch.Tensor]]:  # pragma: no cover
+    ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:  # pragma: no cover
         """tgt_emb [B, T, E] -> (hidden [B, T, output_size], new state, attention [B, T, S] or None)."""
         raise NotImplementedError
 

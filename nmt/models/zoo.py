@@ -9,7 +9,8 @@ Constructor contracts:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from nmt.config import Component, ModelConfig, register_schema
 

@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -41,7 +41,7 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of `epoch` already consumed
-    best: Optional[float] = None
+    best: float | None = None
     bad_validations: int = 0
     nonfinite_in_a_row: int = 0
     skipped_updates: int = 0
@@ -53,7 +53,7 @@ class _StopRequest:
     """Turns SIGINT/SIGTERM into a flag checked between updates (checkpoint, then exit cleanly)."""
 
     def __init__(self) -> None:
-        self.signal: Optional[int] = None
+        self.signal: int | None = None
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _StopRequest:
@@ -281,7 +281,7 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def _limits_reached(self) -> Optional[str]:
+    def _limits_reached(self) -> str | None:
         cfg = self.cfg.train
         if cfg.max_steps and self.state.step >= cfg.max_steps:
             return f"reached train.max_steps={cfg.max_steps}"
