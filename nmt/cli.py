@@ -6,7 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-import click
 import typer
 
 from nmt.errors import NmtError
@@ -188,20 +187,13 @@ def _write_output(path: Path | None, lines: list[str]) -> None:
 
 
 def main() -> None:
-    """Entry point: user mistakes become `error: ...` on stderr and exit code 2."""
+    """Entry point: user mistakes become `error: ...` on stderr and exit code 2.
+
+    Typer's standalone mode handles usage errors (exit 2), --help and Ctrl-C itself; everything the
+    library reports as an NmtError is printed as one line here, without a traceback.
+    """
     try:
-        app(standalone_mode=False)
+        app()
     except NmtError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(NmtError.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(2)
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except BrokenPipeError:
-        sys.stderr.close()
-        sys.exit(141)

@@ -281,10 +281,13 @@ def build(cls: type, data: Any, path: str = "", errors: _Errors | None = None) -
         if name in values:
             continue
         tp = hints[name]
+        sub = f"{path}.{name}" if path else name
         if tp is Component and f.default_factory is not dataclasses.MISSING:
-            values[name] = _component(name, f.default_factory(), f"{path}.{name}" if path else name, errors)
+            values[name] = _component(name, f.default_factory(), sub, errors)
+        elif dataclasses.is_dataclass(tp) and f.default_factory is not dataclasses.MISSING:
+            values[name] = build(tp, {}, sub, errors)  # so nested components get their defaults too
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            errors.add(f"{path}.{name}" if path else name, "required key is missing")
+            errors.add(sub, "required key is missing")
     if top and errors:
         raise NmtError(_join(errors))
     try:

@@ -8,10 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data" / "multi30k"
+
+# Tests use tiny tensors: one thread avoids oversubscription when cores are shared (100x slower otherwise).
+torch.set_num_threads(1)
 
 
 def run_nmt(*args: str, input: str | bytes | None = None, cwd: Path | None = None,

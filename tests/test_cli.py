@@ -11,12 +11,13 @@ from tests.conftest import run_nmt, tiny_config
 
 
 def assert_user_error(proc, *fragments: str) -> None:
+    """Exit code 2 and exactly one `error:` line (progress messages before it are allowed), no traceback."""
     assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and proc.stderr.strip().endswith(errors[0]), proc.stderr
     assert "Traceback" not in proc.stderr
     for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+        assert fragment in errors[0], errors[0]
 
 
 def test_run_directory_is_complete(tiny_run):

@@ -1,0 +1,149 @@
+"""Label-smoothed loss: values, gradients, padding and dtypes against straightforward references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nmt.training.loss as loss_module
+from nmt.training.loss import label_smoothed_nll
+from nmt.vocab import PAD_ID
+
+
+def dense_reference(logits: torch.Tensor, target: torch.Tensor, eps: float, ignore_index: int = PAD_ID):
+    """The documented formula spelled out with an explicit [N, V] target distribution q."""
+    logits = logits.reshape(-1, logits.size(-1)).float()
+    target = target.reshape(-1)
+    vocab = logits.size(-1)
+    keep = target != ignore_index
+    log_p = torch.log_softmax(logits, dim=-1)
+    onehot = F.one_hot(target.clamp(min=0), vocab).float()
+    q = (1 - eps) * onehot + eps / vocab
+    per_token = -(q * log_p).sum(-1)
+    nll = -(onehot * log_p).sum(-1)
+    return per_token[keep].sum(), nll[keep].sum(), int(keep.sum())
+
+
+def batch(seed: int = 0, b: int = 3, t: int = 5, v: int = 11, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(b, t, v, generator=gen)).to(dtype)
+    target = torch.randint(4, v, (b, t), generator=gen)
+    target[0, 3:] = PAD_ID
+    target[2, 1:] = PAD_ID
+    return logits, target
+
+
+@pytest.fixture(params=[1 << 40, 2 * 11 + 1], ids=["one-block", "blocks-of-2-rows"])
+def blocks(request, monkeypatch):
+    """Run each test with the whole batch in one block and split into blocks (last one partial)."""
+    monkeypatch.setattr(loss_module, "CPU_BLOCK_ELEMENTS", request.param)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_values_match_the_dense_formula_and_torch_cross_entropy(eps, blocks):
+    logits, target = batch()
+    loss, nll, n = label_smoothed_nll(logits, target, eps)
+    ref_loss, ref_nll, ref_n = dense_reference(logits, target, eps)
+    torch_loss = F.cross_entropy(logits.reshape(-1, 11), target.reshape(-1), ignore_index=PAD_ID,
+                                 label_smoothing=eps, reduction="sum")
+    assert n == ref_n == 9
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(loss, torch_loss)
+    torch.testing.assert_close(nll, ref_nll)
+    if eps == 0:
+        torch.testing.assert_close(loss, nll)
+    else:
+        assert loss.item() > nll.item() * (1 - eps)  # the uniform part adds a positive term
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+@pytest.mark.parametrize("weights", [(1.0, 0.0), (0.0, 1.0), (0.7, -2.0)], ids=["loss", "nll", "both"])
+def test_gradients_match_autograd_through_the_dense_formula(eps, weights, blocks):
+    logits, target = batch(seed=1)
+    mine = logits.clone().requires_grad_()
+    ref = logits.clone().requires_grad_()
+    loss, nll, _ = label_smoothed_nll(mine, target, eps)
+    (weights[0] * loss + weights[1] * nll).backward()
+    ref_loss, ref_nll, _ = dense_reference(ref, target, eps)
+    (weights[0] * ref_loss + weights[1] * ref_nll).backward()
+    torch.testing.assert_close(mine.grad, ref.grad)
+    assert mine.grad.abs().sum() > 0
+
+
+def test_gradient_is_softmax_minus_smoothed_target_on_real_tokens():
+    logits = torch.randn(1, 2, 5, generator=torch.Generator().manual_seed(2))
+    target = torch.tensor([[4, PAD_ID]])
+    x = logits.clone().requires_grad_()
+    loss, _, _ = label_smoothed_nll(x, target, 0.1)
+    loss.backward()
+    q = torch.full((5,), 0.1 / 5)
+    q[target[0, 0]] += 0.9
+    torch.testing.assert_close(x.grad[0, 0], torch.softmax(logits[0, 0], -1) - q)
+    assert torch.equal(x.grad[0, 1], torch.zeros(5))
+
+
+def test_padding_positions_contribute_nothing(blocks):
+    logits, target = batch(seed=3)
+    pad = target == PAD_ID
+    changed = logits.clone()
+    changed[pad] = 100 * torch.randn(int(pad.sum()), 11)
+    x1, x2 = logits.clone().requires_grad_(), changed.clone().requires_grad_()
+    loss1, nll1, _ = label_smoothed_nll(x1, target, 0.1)
+    loss2, nll2, _ = label_smoothed_nll(x2, target, 0.1)
+    (loss1 + nll1).backward()
+    (loss2 + nll2).backward()
+    torch.testing.assert_close(loss1, loss2)
+    torch.testing.assert_close(nll1, nll2)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    assert torch.all(x1.grad[pad] == 0)
+
+
+def test_other_ignore_index():
+    logits, target = batch(seed=4)
+    target[1, 0] = -100
+    loss, nll, n = label_smoothed_nll(logits, target, 0.1, ignore_index=-100)
+    ref_loss, ref_nll, ref_n = dense_reference(logits, target, 0.1, ignore_index=-100)
+    assert n == ref_n == 14  # PAD_ID counts as a real class when it is not the ignored index
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(nll, ref_nll)
+
+
+def test_all_padding_gives_zero_loss_and_zero_gradient():
+    logits, _ = batch()
+    target = torch.full((3, 5), PAD_ID)
+    x = logits.clone().requires_grad_()
+    loss, nll, n = label_smoothed_nll(x, target, 0.1)
+    loss.backward()
+    assert (loss.item(), nll.item(), n) == (0.0, 0.0, 0)
+    assert torch.all(x.grad == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_give_an_fp32_loss_and_a_gradient_in_their_dtype(dtype, blocks):
+    logits, target = batch(seed=5, v=300, dtype=dtype)
+    x = logits.clone().requires_grad_()
+    loss, nll, _ = label_smoothed_nll(x, target, 0.1)
+    assert loss.dtype == nll.dtype == torch.float32
+    # fp32 arithmetic on the half-precision values: equal to the reference on the upcast logits
+    ref = logits.float().requires_grad_()
+    ref_loss, _, _ = dense_reference(ref, target, 0.1)
+    torch.testing.assert_close(loss, ref_loss)
+    loss.backward()
+    ref_loss.backward()
+    assert x.grad.dtype == dtype
+    torch.testing.assert_close(x.grad.float(), ref.grad, atol=1e-2 * ref.grad.abs().max().item(), rtol=0)
+
+
+def test_flat_and_batched_logits_agree():
+    logits, target = batch(seed=6)
+    flat = label_smoothed_nll(logits.reshape(-1, 11), target.reshape(-1), 0.1)
+    batched = label_smoothed_nll(logits, target, 0.1)
+    torch.testing.assert_close(flat[0], batched[0])
+    assert flat[2] == batched[2]
+
+
+def test_invalid_smoothing_is_rejected():
+    logits, target = batch()
+    with pytest.raises(ValueError, match="smoothing"):
+        label_smoothed_nll(logits, target, 1.0)
