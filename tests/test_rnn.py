@@ -180,7 +180,7 @@ def test_state_carries_earlier_target_tokens_forward(attention, feeding):
 
 @pytest.mark.parametrize("cell,init", list(itertools.product(CELLS, ["bridge", "zeros"])))
 def test_decoder_cells_and_init(cell, init):
-    decoder = make_decoder("bahdanau", cell=cell, layers=2, init=init)
+    decoder = make_decoder("luong_general", cell=cell, layers=2, init=init)
     enc = fake_encoding()
     state = decoder.init_state(enc)
     assert state["h"].shape == (3, 2, H)
@@ -217,6 +217,24 @@ def test_direct_connection_feeds_the_source_summary_into_every_step():
         b, _, _ = decoder(emb, other, decoder.init_state(other))
         assert (not torch.allclose(a, b)) == should_change
     assert direct.rnn.input_size == E + M and plain.rnn.input_size == E
+
+
+@pytest.mark.parametrize("attention,query", [("bahdanau", "auto"), ("luong_dot", "previous")])
+def test_bahdanau_ordering_attends_with_the_previous_state(attention, query):
+    torch.manual_seed(0)
+    decoder = make_decoder(attention, layers=2, attention_query=query)
+    assert decoder.attend_first and not decoder.input_feeding
+    assert decoder.rnn.input_size == E + M  # e(y_{t-1}) and c_t
+    enc, emb = fake_encoding(), torch.randn(3, 1, E)
+    state = decoder.init_state(enc)
+    _, _, alpha = decoder(emb, enc, state)
+    _, expected = decoder.attention(state["h"][:, -1:], state["keys"], enc.memory, enc.mask)
+    torch.testing.assert_close(alpha, expected)
+
+
+def test_luong_ordering_is_the_default_except_for_bahdanau():
+    assert not make_decoder("luong_general").attend_first
+    assert not make_decoder("bahdanau", attention_query="current").attend_first
 
 
 def test_input_feeding_feeds_the_previous_attentional_vector():

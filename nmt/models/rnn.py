@@ -149,17 +149,25 @@ class RNNDecoderOptions(Component):
     input_feeding: bool = opt(True, doc="feed the previous attentional vector into the next step")
     context_gate: Literal["none", "source", "target", "both"] = opt(
         "none", doc="Tu et al. (2017) gate on the source context vs the target side")
+    attention_query: Literal["auto", "previous", "current"] = opt(
+        "auto", doc="previous: attend with s_{t-1} and feed c_t into the RNN (Bahdanau); current: attend "
+                    "with s_t (Luong); auto: previous for bahdanau, current otherwise")
 
 
 @zoo.register_decoder("rnn", RNNDecoderOptions)
 class RNNDecoder(Decoder):
-    """One step t (Luong-style ordering: the query is the *current* state s_t, for every attention,
-    Bahdanau's additive score included):
+    """One step t, Luong ordering (attention_query: current, the query is the new state s_t):
 
       s_t = RNN([e(y_{t-1}); a_{t-1} (input feeding); h_N (direct connection)], s_{t-1})
       c_t, alpha_t = attention(s_t, h_1..h_S)        (c_t = h_N without attention but with a direct
                                                       connection; no context at all otherwise)
       a_t = tanh(W_c [s_t; c_t])                     (or the context gate's mix; a_t = s_t without c_t)
+
+    Bahdanau ordering (attention_query: previous, the default for `bahdanau`) attends first, with
+    the top layer's previous state, and feeds the context into the recurrence (input feeding is then
+    redundant and off):
+
+      c_t, alpha_t = attention(s_{t-1}, h_1..h_S);   s_t = RNN([e(y_{t-1}); c_t; h_N], s_{t-1})
 
     The decoder returns dropout(a_t) [B, T, hidden_size]; a_t itself is what input feeding feeds back.
     h_N is the encoder's `final` (or the masked mean of its memory when it has none); the bridge sets
@@ -182,14 +190,18 @@ class RNNDecoder(Decoder):
         self.hidden_size = hidden
         self.attention = zoo.build_attention(attention_options, hidden, memory_size)
         self.direct_connection = options.direct_connection
-        self.input_feeding = options.input_feeding and self.attention is not None
+        query = options.attention_query
+        if query == "auto":
+            query = "previous" if getattr(attention_options, "type", "") == "bahdanau" else "current"
+        self.attend_first = self.attention is not None and query == "previous"
+        self.input_feeding = options.input_feeding and self.attention is not None and not self.attend_first
         has_context = self.attention is not None or self.direct_connection
         if options.context_gate != "none" and not has_context:
             raise NmtError(
                 f"model.decoder.context_gate: {options.context_gate!r} gates a source context; set "
                 "model.attention.type or model.decoder.direct_connection: true, or use context_gate: none"
             )
-        rnn_input = input_size + (hidden if self.input_feeding else 0)
+        rnn_input = input_size + (hidden if self.input_feeding else 0) + (memory_size if self.attend_first else 0)
         rnn_input += memory_size if self.direct_connection else 0
         self.rnn = make_rnn(options.cell, rnn_input, hidden, options.layers, options.dropout)
         self.bridge = nn.Linear(memory_size, options.layers * hidden) if options.init == "bridge" else None
@@ -220,7 +232,7 @@ class RNNDecoder(Decoder):
         self, tgt_emb: torch.Tensor, enc: EncoderOutput, state: DecoderState
     ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
         summary = source_summary(enc) if self.direct_connection else None
-        if not self.input_feeding:
+        if not (self.input_feeding or self.attend_first):
             return self._block(tgt_emb, enc, state, summary)
         outputs, weights = [], []
         for t in range(tgt_emb.size(1)):
@@ -232,19 +244,23 @@ class RNNDecoder(Decoder):
     def _block(
         self, emb: torch.Tensor, enc: EncoderOutput, state: DecoderState, summary: torch.Tensor | None
     ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
-        """Steps over emb [B, T, E] at once (T = 1 whenever input feeding is on)."""
+        """Steps over emb [B, T, E] at once (T = 1 with input feeding or Bahdanau ordering)."""
         steps = emb.size(1)
         inputs = [emb]
+        alpha = None
+        if self.attend_first:
+            previous = state["h"][:, -1:]  # the top layer's s_{t-1}: [B, 1, H]
+            context, alpha = self.attention(previous, state["keys"], enc.memory, enc.mask)
+            inputs.append(context)
         if self.input_feeding:
             inputs.append(state["feed"].unsqueeze(1))
         if summary is not None:
             inputs.append(summary.unsqueeze(1).expand(-1, steps, -1))
         s, new_state = self._recur(torch.cat(inputs, dim=-1), state)  # s: [B, T, H]
-        alpha = None
-        if self.attention is not None:
-            context, alpha = self.attention(s, state["keys"], enc.memory, enc.mask)
-        else:
+        if self.attention is None:
             context = None if summary is None else summary.unsqueeze(1).expand(-1, steps, -1)
+        elif not self.attend_first:  # Luong: attend with the new state s_t
+            context, alpha = self.attention(s, state["keys"], enc.memory, enc.mask)
         out = s if context is None else self._attentional(emb, s, context)
         if self.input_feeding:
             new_state["feed"] = out[:, -1]
