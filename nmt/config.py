@@ -54,22 +54,22 @@ def register_schema(kind: str, name: str, schema: type) -> None:
 
 @dataclass
 class VocabConfig:
-    type: Literal["unigram", "bpe"] = "unigram"
+    type: Literal["unigram", "bpe"] = opt("unigram", doc="SentencePiece model type")
     size: int = opt(8000, gt=0, doc="subword vocabulary size (per side when not joint)")
     joint: bool = opt(True, doc="one SentencePiece model for both languages")
     src_model: str | None = opt(None, doc="reuse this SentencePiece model instead of training")
     tgt_model: str | None = opt(None, doc="reuse this target model (separate vocabularies)")
-    character_coverage: float = opt(1.0, gt=0, le=1)
+    character_coverage: float = opt(1.0, gt=0, le=1, doc="share of characters covered (rest map to unk)")
     sample_sentences: int = opt(1_000_000, gt=0, doc="sentences sampled to train SentencePiece")
 
 
 @dataclass
 class DataConfig:
-    src_lang: str = "src"
-    tgt_lang: str = "tgt"
+    src_lang: str = opt("src", doc="source file suffix (language code)")
+    tgt_lang: str = opt("tgt", doc="target file suffix (language code)")
     train: str = opt("", doc="path prefix: files are PREFIX.SRC_LANG and PREFIX.TGT_LANG (.gz allowed)")
-    valid: str = ""
-    test: str | None = None
+    valid: str = opt("", doc="path prefix of the validation corpus (never filtered)")
+    test: str | None = opt(None, doc="path prefix of a test corpus to binarize too (optional)")
     dir: str = opt("", doc="binarized output directory")
     max_len: int = opt(100, gt=0, doc="drop training pairs longer than this (subword tokens)")
     max_len_ratio: float = opt(3.0, gt=0, doc="drop training pairs whose length ratio exceeds this")
@@ -78,9 +78,9 @@ class DataConfig:
 
 @dataclass
 class EmbeddingsConfig:
-    src_dim: int = opt(256, gt=0)
-    tgt_dim: int = opt(256, gt=0)
-    dropout: float = opt(0.1, ge=0, lt=1)
+    src_dim: int = opt(256, gt=0, doc="source embedding size")
+    tgt_dim: int = opt(256, gt=0, doc="target embedding size")
+    dropout: float = opt(0.1, ge=0, lt=1, doc="dropout on the embeddings")
     tie_output: bool = opt(False, doc="decoder input embedding = output projection")
     share_src_tgt: bool = opt(False, doc="one embedding table for both sides (needs a joint vocabulary)")
     scale: bool = opt(False, doc="multiply embeddings by sqrt(dim) (Transformer convention)")
@@ -88,42 +88,43 @@ class EmbeddingsConfig:
 
 @dataclass
 class ModelConfig:
-    encoder: Component = opt(factory=lambda: {"type": "rnn"})
-    decoder: Component = opt(factory=lambda: {"type": "rnn"})
-    attention: Component = opt(factory=lambda: {"type": "none"})
+    encoder: Component = opt(factory=lambda: {"type": "rnn"}, doc="a mapping with `type:` and that type's options")
+    decoder: Component = opt(factory=lambda: {"type": "rnn"}, doc="a mapping with `type:` and that type's options")
+    attention: Component = opt(factory=lambda: {"type": "none"}, doc="used by the rnn decoder; a bare name works")
     embeddings: EmbeddingsConfig = opt(factory=EmbeddingsConfig)
 
 
 @dataclass
 class OptimizerConfig:
-    type: Literal["adam", "adamw", "sgd"] = "adam"
+    type: Literal["adam", "adamw", "sgd"] = opt("adam", doc="optimizer")
     lr: float = opt(1e-3, gt=0, doc="peak learning rate")
-    betas: list[float] = opt(factory=lambda: [0.9, 0.98])
-    eps: float = opt(1e-9, gt=0)
-    weight_decay: float = opt(0.0, ge=0)
+    betas: list[float] = opt(factory=lambda: [0.9, 0.98], doc="adam/adamw")
+    eps: float = opt(1e-9, gt=0, doc="adam/adamw")
+    weight_decay: float = opt(0.0, ge=0, doc="L2 (adam, sgd) or decoupled (adamw)")
     momentum: float = opt(0.9, ge=0, lt=1, doc="sgd only")
 
 
 @dataclass
 class ScheduleConfig:
-    type: Literal["constant", "noam", "inverse_sqrt", "linear", "cosine", "plateau"] = "constant"
-    warmup_steps: int = opt(0, ge=0)
+    type: Literal["constant", "noam", "inverse_sqrt", "linear", "cosine", "plateau"] = opt(
+        "constant", doc="learning-rate schedule (plateau: decay when the early-stopping metric stalls)")
+    warmup_steps: int = opt(0, ge=0, doc="linear warm-up from 0 to optimizer.lr")
     total_steps: int | None = opt(None, gt=0, doc="linear/cosine: decay horizon (default train.max_steps)")
-    min_lr: float = opt(0.0, ge=0)
-    plateau_factor: float = opt(0.5, gt=0, lt=1)
+    min_lr: float = opt(0.0, ge=0, doc="floor of the decaying schedules")
+    plateau_factor: float = opt(0.5, gt=0, lt=1, doc="plateau: lr multiplier on each decay")
     plateau_patience: int = opt(2, ge=0, doc="validations without improvement before decaying")
 
 
 @dataclass
 class EarlyStoppingConfig:
-    metric: Literal["bleu", "loss", "ppl"] = "bleu"
+    metric: Literal["bleu", "loss", "ppl"] = opt("bleu", doc="validation metric that picks best.pt")
     patience: int = opt(10, ge=0, doc="validations without improvement before stopping; 0 = never")
 
 
 @dataclass
 class TrainConfig:
     run_dir: str = opt("", doc="where checkpoints, logs and the resolved config go")
-    seed: int = 1
+    seed: int = opt(1, doc="seeds the initialisation, dropout and batch order")
     batch_tokens: int = opt(4096, gt=0, doc="token budget per batch (max(src,tgt) padded length x sentences)")
     update_freq: int = opt(1, gt=0, doc="gradient accumulation: batches per optimizer step")
     max_steps: int = opt(10000, ge=0, doc="0 = no step limit")
@@ -132,10 +133,11 @@ class TrainConfig:
     optimizer: OptimizerConfig = opt(factory=OptimizerConfig)
     schedule: ScheduleConfig = opt(factory=ScheduleConfig)
     clip_norm: float = opt(1.0, ge=0, doc="gradient-norm clipping; 0 = off")
-    label_smoothing: float = opt(0.1, ge=0, lt=1)
-    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
-    log_every: int = opt(50, gt=0)
-    valid_every: int = opt(500, gt=0)
+    label_smoothing: float = opt(0.1, ge=0, lt=1, doc="label-smoothed cross-entropy")
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = opt(
+        "fp32", doc="bf16 autocast (CPU/CUDA), fp16 + grad scaler (CUDA); auto = fastest safe one")
+    log_every: int = opt(50, gt=0, doc="steps between log.jsonl records")
+    valid_every: int = opt(500, gt=0, doc="steps between validations (and checkpoints)")
     valid_beam: int = opt(1, gt=0, doc="1 = greedy decoding for validation BLEU")
     valid_batch_size: int = opt(64, gt=0, doc="sentences per decoding batch during validation")
     keep_last: int = opt(0, ge=0, doc="also keep the last N periodic checkpoints (for averaging)")

@@ -136,3 +136,13 @@ def test_loader_raises_only_nmt_error(data):
         from_dict(data)
     except NmtError as e:
         assert "\n" not in str(e)
+
+
+def test_configuration_reference_is_up_to_date():
+    """docs/configuration.md is generated from the schema; regenerate with scripts/config_reference.py."""
+    from pathlib import Path
+
+    from nmt.config_reference import render
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+    assert doc.read_text(encoding="utf-8") == render() + "\n", "run: python scripts/config_reference.py"

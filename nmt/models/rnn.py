@@ -64,8 +64,8 @@ def source_summary(enc: EncoderOutput) -> torch.Tensor:
 class RNNEncoderOptions(Component):
     cell: Cell = opt("lstm", doc="lstm | gru | rnn (plain tanh RNN)")
     hidden_size: int = opt(256, gt=0, doc="per direction")
-    layers: int = opt(1, gt=0)
-    bidirectional: bool = opt(True)
+    layers: int = opt(1, gt=0, doc="stacked RNN layers")
+    bidirectional: bool = opt(True, doc="outputs are [forward; backward] states, 2 x hidden_size wide")
     dropout: float = opt(0.2, ge=0, lt=1, doc="between layers and on the outputs")
 
 
@@ -140,8 +140,8 @@ class ContextGate(nn.Module):
 @dataclass
 class RNNDecoderOptions(Component):
     cell: Cell = opt("lstm", doc="lstm | gru | rnn (plain tanh RNN)")
-    hidden_size: int = opt(256, gt=0)
-    layers: int = opt(1, gt=0)
+    hidden_size: int = opt(256, gt=0, doc="decoder state size s_t")
+    layers: int = opt(1, gt=0, doc="stacked RNN layers")
     dropout: float = opt(0.2, ge=0, lt=1, doc="between layers and on the outputs")
     init: Literal["bridge", "zeros"] = opt(
         "bridge", doc="bridge: each layer's h_0 = tanh(W_l h_N + b_l) (LSTM cell starts at 0); zeros")
