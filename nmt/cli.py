@@ -45,6 +45,8 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="continue the run in train.run_dir from last.pt"),
     force: bool = typer.Option(False, "--force", help="delete an existing run directory and start over"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="processes (GPUs) on this machine: re-runs this command "
+                              "under torchrun --standalone (see docs/distributed.md)"),
 ) -> None:
     """Train a model; checkpoints, logs and the resolved config go to train.run_dir."""
     from nmt.config import load_config
@@ -52,8 +54,13 @@ def train(
 
     if precision is not None:
         overrides = [*overrides, f"train.precision={precision}"]
-    summary = run_train(load_config(config, overrides), device=device, resume=resume, force=force, quiet=quiet)
-    _info(json.dumps(summary), quiet)
+    cfg = load_config(config, overrides)  # a broken config fails here, once, before any process starts
+    if nproc > 1:
+        from nmt.training.distributed import launch
+
+        launch(nproc, sys.argv[1:])
+    summary = run_train(cfg, device=device, resume=resume, force=force, quiet=quiet)
+    _info(json.dumps(summary), quiet or summary.get("rank", 0) != 0)
 
 
 @app.command()
@@ -103,18 +110,27 @@ def evaluate(
     names = parse_metrics(metrics)
     if (hyp is None) == (model is None):
         raise NmtError("give either --hyp FILE, or -m MODEL with --src FILE")
+    if model is not None and src is None:
+        raise NmtError("-m MODEL needs --src FILE to translate")
+    scored = src if model is not None else hyp  # the file whose lines are scored (or translated first)
+    lines = read_lines(scored)
+    refs = [read_lines(r) for r in ref]
+    if not lines:
+        raise NmtError(f"{scored}: empty file (nothing to score)")
+    for path, ref_lines in zip(ref, refs, strict=True):  # checked before translating, not after
+        if len(ref_lines) != len(lines):
+            raise NmtError(f"{path} has {len(ref_lines)} lines but {scored} has {len(lines)}: each "
+                           f"{'source' if model is not None else 'hypothesis'} line needs one reference line")
     if model is not None:
-        if src is None:
-            raise NmtError("-m MODEL needs --src FILE to translate")
         from nmt.inference.translator import Translator
 
         results = Translator.load(model, device=device).translate(
-            read_lines(src), beam=beam, nbest=1, lenpen=lenpen, batch_size=batch_size, quiet=True
+            lines, beam=beam, nbest=1, lenpen=lenpen, batch_size=batch_size, quiet=True
         )
         hyps = [r[0].text if r else "" for r in results]
     else:
-        hyps = read_lines(hyp)
-    result = score(hyps, [read_lines(r) for r in ref], names)
+        hyps = lines
+    result = score(hyps, refs, names)
     if as_json:
         print(json.dumps(result))
         return

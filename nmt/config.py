@@ -74,6 +74,8 @@ class DataConfig:
     max_len: int = opt(100, gt=0, doc="drop training pairs longer than this (subword tokens)")
     max_len_ratio: float = opt(3.0, gt=0, doc="drop training pairs whose length ratio exceeds this")
     vocab: VocabConfig = opt(factory=VocabConfig)
+    workers: int | None = opt(None, gt=0, doc="encoding processes for `nmt preprocess` (default min(4, CPUs))")
+    shard_size: int = opt(1_000_000, gt=0, doc="sentences per binarized shard of a split")
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from nmt.data.dataset import ParallelData, Side
+from nmt.data.dataset import ParallelData
 from nmt.data.tokenizer import SOURCE_END
 from nmt.vocab import BOS_ID, EOS_ID, PAD_ID
 
@@ -49,13 +49,15 @@ def _pack(widths: np.ndarray, budget: int) -> list[tuple[int, int]]:
 
 
 def token_batches(src_lengths: np.ndarray, tgt_lengths: np.ndarray, batch_tokens: int, seed: int, epoch: int,
-                  shuffle: bool = True, rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
+                  shuffle: bool = True, rank: int = 0, world_size: int = 1, even: bool = False) -> list[np.ndarray]:
     """Example indices grouped into length-bucketed batches of at most `batch_tokens` padded tokens.
 
     Pairs are sorted by width (ties broken randomly per epoch when `shuffle`), packed greedily, and
     the batch order is shuffled from (seed, epoch). Every example appears exactly once per epoch.
     With `world_size > 1`, rank r gets batches r, r + world_size, ... of the same list: disjoint
-    shards covering the epoch, whose counts differ by at most one.
+    shards covering the epoch, whose counts differ by at most one. With `even`, the list is first cut to
+    a multiple of `world_size` (dropping at most world_size - 1 batches, different ones every epoch), so
+    that every rank gets the same number of batches -- what lock-step distributed training needs.
     """
     if batch_tokens <= 0:
         raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
@@ -70,6 +72,8 @@ def token_batches(src_lengths: np.ndarray, tgt_lengths: np.ndarray, batch_tokens
     batches = [order[start:end] for start, end in _pack(widths[order], batch_tokens)]
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches))]
+    if even:
+        batches = batches[: len(batches) - len(batches) % world_size]
     return batches[rank::world_size]
 
 
@@ -129,16 +133,6 @@ class Batch:
                        tgt_out=self.tgt_out.to(device, **move))
 
 
-def _gather(side: Side, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sentences `indices` of `side` as a [B, max_len] int64 matrix (PAD_ID padded) and their lengths."""
-    lengths = side.lengths[indices]
-    columns = np.arange(int(lengths.max(initial=0)))
-    real = columns[None, :] < lengths[:, None]
-    body = np.full(real.shape, PAD_ID, dtype=np.int64)
-    body[real] = side.ids[(side.offsets[indices][:, None] + columns[None, :])[real]]
-    return body, lengths
-
-
 def _frame(body: np.ndarray, lengths: np.ndarray, start: int | None, end: int | None) -> np.ndarray:
     """Put `start` before and `end` after each row's real tokens; pad the rest with PAD_ID."""
     shift = int(start is not None)
@@ -156,8 +150,8 @@ def collate(data: ParallelData, indices: np.ndarray) -> Batch:
     indices = np.asarray(indices, dtype=np.int64)
     if len(indices) == 0:
         raise ValueError("cannot collate an empty batch")
-    src_body, src_lengths = _gather(data.src_side, indices)
-    tgt_body, tgt_lengths = _gather(data.tgt_side, indices)
+    src_body, src_lengths = data.src_side.gather(indices)
+    tgt_body, tgt_lengths = data.tgt_side.gather(indices)
     return Batch(
         src=torch.from_numpy(_frame(src_body, src_lengths, None, SOURCE_END)),
         tgt_in=torch.from_numpy(_frame(tgt_body, tgt_lengths, BOS_ID, None)),

@@ -1,8 +1,18 @@
 """The training loop: token-budget batches, label-smoothed loss, accumulation, clipping, validation,
-best/last checkpoints, early stopping, exact resume, and a log.jsonl of every logged step."""
+best/last checkpoints, early stopping, exact resume, and a log.jsonl of every logged step.
+
+Under torchrun the same loop runs in every process (DistributedDataParallel, see
+nmt/training/distributed.py and docs/distributed.md): rank r takes batches r, r + N, ... of each
+epoch's batch list (cut to a multiple of N, so every rank takes the same number of steps), the loss
+is normalized by the target tokens of all ranks together, every decision (skip a non-finite update,
+stop on a signal or a time limit, early stopping) is taken from all-reduced values so that all ranks
+agree, validation is sharded across ranks, and only rank 0 writes the run directory.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import math
 import shutil
@@ -26,6 +36,7 @@ from nmt.evaluation import bleu
 from nmt.inference.translator import decode_ids
 from nmt.models.zoo import build_model
 from nmt.training.checkpoint import load_checkpoint, save_checkpoint
+from nmt.training.distributed import Distributed, setup
 from nmt.training.loss import label_smoothed_nll
 from nmt.training.optim import build_optimizer, build_scheduler
 from nmt.training.precision import autocast, make_grad_scaler, resolve_precision
@@ -46,6 +57,7 @@ class TrainState:
     nonfinite_in_a_row: int = 0
     skipped_updates: int = 0
     elapsed: float = 0.0  # training wall time in seconds, across resumes
+    world_size: int = 1  # processes that shared each step (batch_in_epoch counts one rank's batches)
     history: list[dict] = field(default_factory=list)  # validation results
 
 
@@ -74,13 +86,18 @@ class _StopRequest:
             signal.signal(sig, old)
 
 
+class CollectiveError(NmtError):
+    """An error every rank raises at the same point (rank 0 reports it; the others exit quietly)."""
+
+
 class Trainer:
-    """Owns one training run in `cfg.train.run_dir`."""
+    """Owns one training run in `cfg.train.run_dir` (one process of it, under torchrun)."""
 
     def __init__(self, cfg: Config, device: str = "auto", resume: bool = False, force: bool = False,
-                 quiet: bool = False):
+                 quiet: bool = False, dist: Distributed | None = None):
         self.cfg = cfg
-        self.quiet = quiet
+        self.dist = dist or Distributed()
+        self.quiet = quiet or not self.dist.is_main
         self.device = resolve_device(device)
         self.run_dir = Path(cfg.train.run_dir)
         self.data_dir = Path(cfg.data.dir)
@@ -95,11 +112,23 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model, self.src_tok.vocab_size, self.tgt_tok.vocab_size).to(self.device)
+        if self.dist.rank > 0:  # same initial weights everywhere, but each rank draws its own dropout masks
+            torch.manual_seed(cfg.train.seed + 1_000_003 * self.dist.rank)
         self.optimizer = build_optimizer(self.model.parameters(), cfg.train.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.schedule, cfg.train.max_steps)
         self.scaler = make_grad_scaler(self.precision, self.device)
-        self.state = TrainState()
+        self.state = TrainState(world_size=self.dist.world_size)
         self._prepare_run_dir(resume, force)
+        self.ddp: torch.nn.Module | None = None
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # our models change no buffer while training (no batch norm): skip the per-forward buffer sync
+            params = inspect.signature(DistributedDataParallel).parameters
+            no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else \
+                {"broadcast_buffers": False}
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None, **no_sync)
 
     # -- run directory -------------------------------------------------------------------------
 
@@ -112,6 +141,9 @@ class Trainer:
                 raise NmtError(f"{last}: nothing to resume (no last.pt in the run directory)")
             self._restore(load_checkpoint(last, map_location=self.device))
             return
+        self.dist.on_main(lambda: self._new_run_dir(force))
+
+    def _new_run_dir(self, force: bool) -> None:
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
             if not force:
                 raise NmtError(
@@ -138,15 +170,42 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "train_state": to_dict(self.state),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
+            "rng": self._rng_state(),
         }
 
+    def _rng_state(self) -> dict[str, Any]:
+        if self.dist.enabled:  # one process, one GPU
+            cuda = [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else []
+        else:
+            cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []
+        return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+    def _set_rng_state(self, rng: dict[str, Any]) -> None:
+        torch.set_rng_state(rng["torch"].cpu())
+        if self.device.type == "cuda" and rng.get("cuda"):
+            if self.dist.enabled:
+                torch.cuda.set_rng_state(rng["cuda"][0].cpu(), self.device)
+            else:
+                torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+
     def _save(self, name: str) -> None:
+        """Write checkpoint `name` (rank 0; every rank must call this, it gathers their RNG states)."""
+        rng_ranks = self.dist.all_gather(self._rng_state()) if self.dist.enabled else None
+
+        def write() -> None:
+            payload = self._payload()
+            if rng_ranks is not None:
+                payload["rng_ranks"] = [{"torch": r["torch"].cpu(), "cuda": [s.cpu() for s in r["cuda"]]}
+                                        for r in rng_ranks]
+            try:
+                save_checkpoint(self.run_dir / name, payload)
+            except OSError as e:
+                raise NmtError(f"{self.run_dir / name}: cannot write checkpoint ({e.strerror})") from None
+
         try:
-            save_checkpoint(self.run_dir / name, self._payload())
-        except OSError as e:
-            raise NmtError(f"{self.run_dir / name}: cannot write checkpoint ({e.strerror})") from None
+            self.dist.on_main(write)
+        except NmtError as e:
+            raise (CollectiveError(str(e)) if self.dist.enabled and not self.dist.is_main else e) from None
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         if ckpt.get("vocab") != {"src": self.src_tok.fingerprint, "tgt": self.tgt_tok.fingerprint}:
@@ -160,10 +219,22 @@ class Trainer:
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["train_state"])
-        self._truncate_log(self.state.step)
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if self.device.type == "cuda" and ckpt["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+        if self.dist.is_main:
+            self._truncate_log(self.state.step)
+        ranks = ckpt.get("rng_ranks") or []
+        if self.dist.enabled and len(ranks) == self.dist.world_size:
+            self._set_rng_state(ranks[self.dist.rank])
+        else:
+            self._set_rng_state(ckpt["rng"])
+            if self.dist.rank > 0:  # a checkpoint of another number of processes: fresh, distinct streams
+                torch.manual_seed(self.cfg.train.seed + 1_000_003 * self.dist.rank + self.state.step)
+        saved_world = self.state.world_size
+        if saved_world != self.dist.world_size:
+            # batch_in_epoch counts one rank's batches: convert it through the batches all ranks consumed
+            self.state.batch_in_epoch = self.state.batch_in_epoch * saved_world // self.dist.world_size
+            self.state.world_size = self.dist.world_size
+            self._say(f"resuming a run of {saved_world} process(es) with {self.dist.world_size}: the effective "
+                      f"batch changes, and the current epoch continues at about the same position")
 
     def _truncate_log(self, step: int) -> None:
         """Drop log records written after `step` (by a run that died after its last checkpoint)."""
@@ -175,6 +246,8 @@ class Trainer:
         log.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -184,29 +257,41 @@ class Trainer:
         """Forward/backward `batches` (accumulated) and step the optimizer.
 
         Returns (loss per token, nll per token, target tokens, source tokens).
+        Under DDP, `batches` are this rank's share of the step and the returned values cover all ranks.
+        The loss is normalized by the target tokens of all ranks (all-reduced before the backward pass)
+        and multiplied by the number of ranks, because DDP averages the gradients: the update is then
+        the one a single process would make on the union of every rank's batches.
         """
         self.model.train()
-        n_tokens = sum(b.n_tgt_tokens for b in batches)
-        loss_total = nll_total = 0.0
-        for batch in batches:
+        model = self.ddp if self.ddp is not None else self.model
+        world = self.dist.world_size
+        n_tokens, n_src = self.dist.all_reduce_sum([sum(b.n_tgt_tokens for b in batches),
+                                                    sum(b.n_src_tokens for b in batches)])
+        n_tokens, n_src = int(n_tokens), int(n_src)
+        losses, nlls = [], []
+        for i, batch in enumerate(batches):
             batch = batch.to(self.device)
-            with autocast(self.precision, self.device):
-                logits = self.model(batch.src, batch.tgt_in)
-            loss, nll, _ = label_smoothed_nll(logits, batch.tgt_out, self.cfg.train.label_smoothing)
-            scaled = loss / n_tokens
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            loss_total += loss.item()
-            nll_total += nll.item()
+            last = i == len(batches) - 1  # DDP all-reduces the gradients during the last backward only
+            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+                with autocast(self.precision, self.device):
+                    logits = model(batch.src, batch.tgt_in)
+                loss, nll, _ = label_smoothed_nll(logits, batch.tgt_out, self.cfg.train.label_smoothing)
+                scaled = loss * world / n_tokens
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            losses.append(loss.detach().float())
+            nlls.append(nll.detach().float())
+        local = torch.stack([torch.stack(losses).sum(), torch.stack(nlls).sum()]).tolist()
+        loss_total, nll_total = self.dist.all_reduce_sum(local)  # NaN/inf anywhere -> non-finite everywhere
         if not math.isfinite(loss_total):
             self.optimizer.zero_grad(set_to_none=True)
             self.state.skipped_updates += 1
             self.state.nonfinite_in_a_row += 1
             if self.state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                raise NmtError(
+                raise self._collective_error(
                     f"training diverged: non-finite loss in {MAX_NONFINITE_IN_A_ROW} updates in a row at step "
                     f"{self.state.step} (lower train.optimizer.lr or check the data)"
                 )
-            return math.nan, math.nan, n_tokens, sum(b.n_src_tokens for b in batches)
+            return math.nan, math.nan, n_tokens, n_src
         self.state.nonfinite_in_a_row = 0
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -219,29 +304,43 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return loss_total / n_tokens, nll_total / n_tokens, n_tokens, sum(b.n_src_tokens for b in batches)
+        return loss_total / n_tokens, nll_total / n_tokens, n_tokens, n_src
+
+    def _collective_error(self, message: str) -> NmtError:
+        """The error for a failure every rank detects at once (only rank 0 will print it)."""
+        return CollectiveError(message) if self.dist.enabled else NmtError(message)
 
     # -- validation --------------------------------------------------------------------------
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Valid loss, perplexity and BLEU of greedy/beam decoding."""
+        """Valid loss, perplexity and BLEU of greedy/beam decoding.
+
+        Under DDP each rank scores and decodes its share of the validation set; the sums and the
+        hypotheses are gathered so that every rank returns the same result.
+        """
         self.model.eval()
         cfg = self.cfg.train
+        rank, world = self.dist.rank, self.dist.world_size
         nll_total, tokens = 0.0, 0
         lengths = self.valid_data.src_lengths, self.valid_data.tgt_lengths
-        for idx in token_batches(*lengths, cfg.batch_tokens, seed=0, epoch=0, shuffle=False):
+        for idx in token_batches(*lengths, cfg.batch_tokens, seed=0, epoch=0, shuffle=False, rank=rank,
+                                 world_size=world):
             batch = collate(self.valid_data, idx).to(self.device)
             with autocast(self.precision, self.device):
                 logits = self.model(batch.src, batch.tgt_in)
             _, nll, n = label_smoothed_nll(logits, batch.tgt_out, 0.0)
             nll_total += nll.item()
             tokens += n
-        sources = [self.valid_data.source_ids(i) for i in range(len(self.valid_data))]
+        nll_total, tokens = self.dist.all_reduce_sum([nll_total, tokens])
+        mine = range(rank, len(self.valid_data), world)
+        sources = [self.valid_data.source_ids(i) for i in mine]
         with autocast(self.precision, self.device):
             hyps = decode_ids(self.model, sources, beam=cfg.valid_beam, batch_size=cfg.valid_batch_size,
-                              device=self.device)
-        texts = [self.tgt_tok.decode(h[0].tokens) for h in hyps]
+                              device=self.device) if sources else []
+        texts: list[str] = [""] * len(self.valid_data)
+        for r, part in enumerate(self.dist.all_gather([self.tgt_tok.decode(h[0].tokens) for h in hyps])):
+            texts[r::world] = part
         loss = nll_total / max(tokens, 1)
         return {"loss": loss, "ppl": math.exp(min(loss, 100.0)), "bleu": bleu(texts, self.valid_refs)}
 
@@ -265,9 +364,10 @@ class Trainer:
             self._save("best.pt")
         if cfg.keep_last > 0:
             self._save(f"ckpt_step{self.state.step:08d}.pt")
-            periodic = sorted(self.run_dir.glob("ckpt_step*.pt"))
-            for old in periodic[: -cfg.keep_last]:
-                old.unlink(missing_ok=True)
+            if self.dist.is_main:
+                periodic = sorted(self.run_dir.glob("ckpt_step*.pt"))
+                for old in periodic[: -cfg.keep_last]:
+                    old.unlink(missing_ok=True)
         self._say(
             f"step {self.state.step}: valid loss {result['loss']:.3f} ppl {result['ppl']:.2f} "
             f"bleu {result['bleu']:.2f}{' (best)' if improved else ''}"
@@ -295,9 +395,12 @@ class Trainer:
         counts = self.model.parameter_summary()
         parts = ", ".join(f"{k} {v:,}" for k, v in counts.items() if k != "total")
         cfg = self.cfg.train
+        world = self.dist.world_size
+        processes = f"{world} processes ({self.dist.backend})" if self.dist.enabled else "1 process"
         return (
             f"model: {counts['total']:,} parameters ({parts}); device {self.device}, precision {self.precision}; "
-            f"effective batch {cfg.batch_tokens} tokens x update_freq {cfg.update_freq}; "
+            f"{processes}; effective batch {cfg.batch_tokens} tokens x {world} rank{'s' * (world > 1)} "
+            f"x update_freq {cfg.update_freq} = {cfg.batch_tokens * world * cfg.update_freq:,} tokens; "
             f"{len(self.train_data):,} training pairs"
         )
 
@@ -311,9 +414,16 @@ class Trainer:
         lengths = self.train_data.src_lengths, self.train_data.tgt_lengths
         window = {"loss": 0.0, "nll": 0.0, "tgt": 0, "src": 0, "updates": 0, "start": time.perf_counter()}
         validated_at = self.state.step
+        rank, world = self.dist.rank, self.dist.world_size
         with _StopRequest() as stop:
             while stop_reason is None:
-                batches = token_batches(*lengths, cfg.batch_tokens, seed=cfg.seed, epoch=self.state.epoch)
+                batches = token_batches(*lengths, cfg.batch_tokens, seed=cfg.seed, epoch=self.state.epoch,
+                                        rank=rank, world_size=world, even=True)
+                if not batches:
+                    raise self._collective_error(
+                        f"{self.data_dir}: the training data makes fewer batches of train.batch_tokens="
+                        f"{cfg.batch_tokens} than there are processes ({world}); lower train.batch_tokens"
+                    )
                 while self.state.batch_in_epoch < len(batches) and stop_reason is None:
                     t0 = time.perf_counter()
                     chunk = batches[self.state.batch_in_epoch: self.state.batch_in_epoch + cfg.update_freq]
@@ -338,11 +448,16 @@ class Trainer:
                         self.state.elapsed += time.perf_counter() - t0
                         validated_at = self.state.step
                         self._save("last.pt")
-                    if stop.signal is not None:
+                    # one all-reduce makes every rank take the same decisions: stop if any rank got a
+                    # signal; rank 0's clock is the run's clock (train.max_minutes)
+                    signalled, elapsed = self.dist.all_reduce_sum(
+                        [float(stop.signal is not None), self.state.elapsed if self.dist.is_main else 0.0])
+                    self.state.elapsed = elapsed
+                    if signalled:
                         self._save("last.pt")
                         bar.close()
-                        name = signal.Signals(stop.signal).name
-                        raise NmtError(
+                        name = signal.Signals(stop.signal).name if stop.signal else "a signal to another rank"
+                        raise self._collective_error(
                             f"interrupted by {name} at step {self.state.step}; checkpoint saved to "
                             f"{self.run_dir / 'last.pt'}; continue with: nmt train {self.cfg.path or 'CONFIG'} --resume"
                         )
@@ -356,8 +471,11 @@ class Trainer:
             self._after_validation(self.validate())
         self._save("last.pt")
         self._say(f"stopped: {stop_reason}; best {cfg.early_stopping.metric} {self.state.best}")
-        return {"steps": self.state.step, "epochs": self.state.epoch, "best": self.state.best,
-                "stop_reason": stop_reason, "elapsed": self.state.elapsed}
+        summary = {"steps": self.state.step, "epochs": self.state.epoch, "best": self.state.best,
+                   "stop_reason": stop_reason, "elapsed": self.state.elapsed}
+        if self.dist.enabled:
+            summary.update(rank=self.dist.rank, world_size=self.dist.world_size)
+        return summary
 
     def _log_window(self, window: dict[str, Any], bar: tqdm) -> None:
         seconds = max(time.perf_counter() - window["start"], 1e-9)
@@ -376,5 +494,14 @@ class Trainer:
 
 def train(cfg: Config, device: str = "auto", resume: bool = False, force: bool = False,
           quiet: bool = False) -> dict[str, Any]:
-    """Train the model described by `cfg` (the `nmt train` command)."""
-    return Trainer(cfg, device=device, resume=resume, force=force, quiet=quiet).train()
+    """Train the model described by `cfg` (the `nmt train` command); under torchrun, one process of a
+    DistributedDataParallel run (see nmt/training/distributed.py)."""
+    dist, resolved = setup(device)
+    try:
+        return Trainer(cfg, device=resolved, resume=resume, force=force, quiet=quiet, dist=dist).train()
+    except CollectiveError:
+        if dist.is_main:
+            raise
+        sys.exit(NmtError.exit_code)  # rank 0 reports it; N copies of one message would only be noise
+    finally:
+        dist.close()
