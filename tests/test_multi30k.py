@@ -117,7 +117,9 @@ def test_recipe_trains_and_translates_on_multi30k(recipe: Path, multi30k, tmp_pa
               "train.batch_tokens=800", "train.max_minutes=null"]
     run_nmt("train", str(recipe), *[a for s in data + budget for a in ("--set", s)], "--quiet", "--device", "cpu")
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if r["type"] == "valid"] == [2] and "bleu" in log[-1]
+    valid = [r for r in log if r["type"] == "valid"]
+    assert [r["step"] for r in valid] == [2] and "bleu" in valid[-1]
+    assert log[0]["type"] == "start" and log[0]["parameters"] > 0 and log[-1]["type"] == "end"
     assert (run / "best.pt").is_file() and (run / "ckpt_step00000002.pt").is_file()
     source = head(subset / "test.en", 3)
     out = run_nmt("translate", "-m", str(run), "--beam", "2", "--max-len-b", "5", "--device", "cpu",

@@ -32,6 +32,7 @@ from nmt.data.dataset import ParallelData, read_text
 from nmt.data.tokenizer import Tokenizer
 from nmt.device import resolve_device
 from nmt.errors import NmtError
+from nmt.io import write_atomic
 from nmt.evaluation import bleu
 from nmt.inference.translator import decode_ids
 from nmt.models.zoo import build_model
@@ -153,7 +154,7 @@ class Trainer:
             shutil.rmtree(self.run_dir)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg), encoding="utf-8")
+            write_atomic(self.run_dir / "config.yaml", dump_config(self.cfg))
             for side in ("src", "tgt"):
                 shutil.copyfile(self.data_dir / f"spm.{side}.model", self.run_dir / f"spm.{side}.model")
         except OSError as e:
@@ -241,9 +242,17 @@ class Trainer:
         log = self.run_dir / "log.jsonl"
         if not log.exists():
             return
-        kept = [line for line in log.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        log.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        kept = []
+        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        write_atomic(log, "".join(line + "\n" for line in kept))
+        for stale in self.run_dir.glob(".*.tmp"):  # checkpoints that were being written when the run died
+            stale.unlink(missing_ok=True)
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
@@ -408,11 +417,15 @@ class Trainer:
         """Run until a limit or early stopping; returns a summary of the run."""
         cfg = self.cfg.train
         self._say(self.summary())
+        counts = self.model.parameter_summary()
+        self._log({"type": "start", "step": self.state.step, "parameters": counts["total"],
+                   "device": str(self.device), "precision": self.precision, "world_size": self.dist.world_size,
+                   "effective_batch_tokens": cfg.batch_tokens * self.dist.world_size * cfg.update_freq})
         stop_reason = self._limits_reached()
         bar = tqdm(total=cfg.max_steps or None, initial=self.state.step, disable=self.quiet, unit="step",
                    dynamic_ncols=True, file=sys.stderr)
         lengths = self.train_data.src_lengths, self.train_data.tgt_lengths
-        window = {"loss": 0.0, "nll": 0.0, "tgt": 0, "src": 0, "updates": 0, "start": time.perf_counter()}
+        window = {"loss": 0.0, "nll": 0.0, "tgt": 0, "src": 0, "updates": 0, "seconds": 0.0}
         validated_at = self.state.step
         rank, world = self.dist.rank, self.dist.world_size
         with _StopRequest() as stop:
@@ -430,7 +443,9 @@ class Trainer:
                     loss, nll, n_tgt, n_src = self._update([collate(self.train_data, idx) for idx in chunk])
                     self.state.batch_in_epoch += len(chunk)
                     self.state.step += 1
-                    self.state.elapsed += time.perf_counter() - t0
+                    seconds = time.perf_counter() - t0
+                    self.state.elapsed += seconds
+                    window["seconds"] += seconds  # throughput counts update time only, not validation
                     if math.isfinite(loss):
                         window["loss"] += loss * n_tgt
                         window["nll"] += nll * n_tgt
@@ -468,8 +483,12 @@ class Trainer:
                     stop_reason = stop_reason or self._limits_reached()
         bar.close()
         if validated_at != self.state.step:
+            t0 = time.perf_counter()
             self._after_validation(self.validate())
+            self.state.elapsed += time.perf_counter() - t0
         self._save("last.pt")
+        self._log({"type": "end", "step": self.state.step, "epoch": self.state.epoch, "stop_reason": stop_reason,
+                   "best": self.state.best, "elapsed": round(self.state.elapsed, 1)})
         self._say(f"stopped: {stop_reason}; best {cfg.early_stopping.metric} {self.state.best}")
         summary = {"steps": self.state.step, "epochs": self.state.epoch, "best": self.state.best,
                    "stop_reason": stop_reason, "elapsed": self.state.elapsed}
@@ -478,7 +497,7 @@ class Trainer:
         return summary
 
     def _log_window(self, window: dict[str, Any], bar: tqdm) -> None:
-        seconds = max(time.perf_counter() - window["start"], 1e-9)
+        seconds = max(window["seconds"], 1e-9)
         loss = window["loss"] / max(window["tgt"], 1)
         record = {
             "type": "train", "step": self.state.step, "epoch": self.state.epoch,
@@ -489,7 +508,7 @@ class Trainer:
         }
         self._log(record)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.scheduler.lr:.2e}", tok_s=f"{record['tgt_tokens_per_s']:.0f}")
-        window.update(loss=0.0, nll=0.0, tgt=0, src=0, updates=0, start=time.perf_counter())
+        window.update(loss=0.0, nll=0.0, tgt=0, src=0, updates=0, seconds=0.0)
 
 
 def train(cfg: Config, device: str = "auto", resume: bool = False, force: bool = False,
