@@ -147,3 +147,94 @@ def test_invalid_smoothing_is_rejected():
     logits, target = batch()
     with pytest.raises(ValueError, match="smoothing"):
         label_smoothed_nll(logits, target, 1.0)
+
+
+# -- output layer + loss fused ----------------------------------------------------------------------
+
+
+def output_batch(seed: int = 7, rows: int = 37, hidden: int = 12, vocab: int = 29, bias: bool = True):
+    gen = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(hidden, vocab, bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(vocab, hidden, generator=gen))
+        if bias:
+            layer.bias.copy_(torch.randn(vocab, generator=gen))
+    h = torch.randn(rows, hidden, generator=gen)
+    target = torch.randint(4, vocab, (rows,), generator=gen)
+    target[::5] = PAD_ID
+    return layer, h, target
+
+
+@pytest.fixture(params=[(1 << 20, 4), (8, 1), (8, 2), (5, 3)], ids=["one-block", "8-rows", "8-rows-x2", "5-rows-x3"])
+def fused_blocks(request, monkeypatch):
+    """The whole batch in one block, and blocks (the last one partial) with the weight gradient taken
+    over 1, 2 or 3 blocks at once."""
+    rows, group = request.param
+    monkeypatch.setattr(loss_module, "FUSED_BLOCK_ROWS", rows)
+    monkeypatch.setattr(loss_module, "WEIGHT_GRAD_BLOCKS", group)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_fused_output_layer_loss_equals_linear_then_loss(eps, bias, fused_blocks):
+    layer, h, target = output_batch(bias=bias)
+    ours_h, ref_h = h.clone().requires_grad_(), h.clone().requires_grad_()
+    loss, nll, n = loss_module.output_label_smoothed_nll(ours_h, layer.weight, layer.bias, target, eps)
+    (0.7 * loss - 2.0 * nll).backward()
+    ours_grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    ref_loss, ref_nll, ref_n = label_smoothed_nll(layer(ref_h), target, eps)
+    (0.7 * ref_loss - 2.0 * ref_nll).backward()
+    assert n == ref_n
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(nll, ref_nll)
+    torch.testing.assert_close(ours_h.grad, ref_h.grad)
+    for ours, param in zip(ours_grads, layer.parameters(), strict=True):
+        torch.testing.assert_close(ours, param.grad)
+
+
+def test_fused_loss_accepts_batched_hidden_and_tied_weights(fused_blocks):
+    embedding = torch.nn.Embedding(29, 12)
+    _, h, target = output_batch(rows=36)
+    h3, t3 = h.view(4, 9, 12).clone().requires_grad_(), target.view(4, 9)
+    loss, nll, n = loss_module.output_label_smoothed_nll(h3, embedding.weight, None, t3, 0.1)
+    loss.backward()
+    ref = h.clone().requires_grad_()
+    ref_loss, _, _ = label_smoothed_nll(ref @ embedding.weight.detach().T, target, 0.1)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(h3.grad.view(36, 12), ref.grad)
+    assert embedding.weight.grad.shape == (29, 12) and embedding.weight.grad.dtype == torch.float32
+
+
+def test_fused_loss_under_bf16_autocast_matches_the_autocast_linear(fused_blocks):
+    """Under autocast the logits are bf16 matmuls in both paths: same loss, gradients within bf16 rounding
+    (the fused weight gradient sums per-group bf16 partial products in fp32)."""
+    layer, h, target = output_batch(rows=40, hidden=64, vocab=300)
+    ours_h, ref_h = h.clone().requires_grad_(), h.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, nll, _ = loss_module.output_label_smoothed_nll(ours_h, layer.weight, layer.bias, target, 0.1)
+    loss.backward()
+    ours_grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = layer(ref_h)
+    ref_loss, ref_nll, _ = label_smoothed_nll(logits, target, 0.1)
+    ref_loss.backward()
+    assert loss.dtype == torch.float32 and ours_h.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(nll, ref_nll, rtol=1e-5, atol=0)
+    refs = [p.grad for p in layer.parameters()]
+    for ours, ref in [(ours_h.grad, ref_h.grad), *zip(ours_grads, refs, strict=True)]:
+        torch.testing.assert_close(ours, ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
+
+
+def test_fused_loss_all_padding_and_invalid_smoothing():
+    layer, h, _ = output_batch()
+    x = h.clone().requires_grad_()
+    loss, nll, n = loss_module.output_label_smoothed_nll(x, layer.weight, layer.bias, torch.zeros(37, dtype=torch.long),
+                                                         0.1)
+    loss.backward()
+    assert (loss.item(), nll.item(), n) == (0.0, 0.0, 0) and torch.all(x.grad == 0)
+    with pytest.raises(ValueError, match="smoothing"):
+        loss_module.output_label_smoothed_nll(h, layer.weight, None, torch.ones(37, dtype=torch.long), 1.0)

@@ -273,3 +273,36 @@ def test_real_model_batching_invariance_and_teacher_forced_scores(name):
                 expected = teacher_forced_log_prob(model, row, hyp.tokens)
                 assert hyp.log_prob == pytest.approx(expected, abs=1e-4)
                 assert hyp.score == pytest.approx(hyp.log_prob / (len(hyp.tokens) + 1) ** lenpen, abs=1e-5)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+@pytest.mark.parametrize("name", ["rnn", "transformer"])
+def test_min_len_gives_outputs_of_exactly_the_fixed_length(name, beam):
+    """min_len = max_len (the benchmarks' fixed-length mode): every hypothesis has exactly that many
+    tokens, whatever the model prefers, and its score is still the teacher-forced log-prob."""
+    model = real_model(name)
+    rows = random_sources(5)
+    max_lens = torch.full((len(rows),), 6)
+    for i, hyps in enumerate(search_min_len(model, padded(rows), max_lens, beam, min_len=6)):
+        for hyp in hyps:
+            assert len(hyp.tokens) == 6 and EOS_ID not in hyp.tokens
+            assert hyp.log_prob == pytest.approx(teacher_forced_log_prob(model, rows[i], hyp.tokens), abs=1e-4)
+
+
+def test_min_len_longer_than_the_limit_yields_to_the_limit():
+    for hyps in search_min_len(TableModel(), sources(TRAP, LENGTHS), limits(2, 2), 2, min_len=5):
+        assert all(len(h.tokens) == 2 for h in hyps)
+
+
+def test_min_len_zero_changes_nothing():
+    src = sources(TRAP, LENGTHS, ENDLESS)
+    for beam in (1, 3):
+        plain = search(TableModel(), src, limits(3, 3, 3), beam, nbest=beam)
+        zero = search_min_len(TableModel(), src, limits(3, 3, 3), beam, min_len=0)
+        assert [[h.tokens for h in hs] for hs in plain] == [[h.tokens for h in hs] for hs in zero]
+
+
+def search_min_len(model, src, max_lens, beam, min_len):
+    if beam == 1:
+        return [[h] for h in greedy_search(model, src, max_lens, min_len=min_len)]
+    return beam_search(model, src, beam, max_lens, nbest=beam, min_len=min_len)

@@ -223,6 +223,30 @@ def test_incremental_decoding_after_reordering_the_batch():
     torch.testing.assert_close(torch.cat(outputs, 1), full[:, 3:], atol=1e-5, rtol=0)
 
 
+def test_reordering_within_sentences_keeps_the_memory_keys_and_values():
+    """Beam search permutes hypotheses within their sentences: the memory K/V are kept (not copied), and
+    decoding goes on exactly as with every state tensor reordered; any other index selects them."""
+    torch.manual_seed(0)
+    dec = decoder()
+    enc = memory_with_padding([4, 2, 6])
+    expand = torch.tensor([0, 0, 1, 1, 2, 2])  # beam 2
+    enc_rows, tgt = enc.index_select(expand), torch.randn(6, 5, 16)
+    with torch.no_grad():
+        _, _, state = step_by_step(dec, tgt, enc_rows, dec.reorder_state(dec.init_state(enc), expand), range(2))
+        within = torch.tensor([1, 1, 2, 3, 5, 4])  # per sentence: beams permuted / duplicated
+        kept = dec.reorder_state(state, within)
+        assert kept["mk0"] is state["mk0"] and kept["mv1"] is state["mv1"]
+        everything = {k: v.index_select(0, within) for k, v in state.items()}
+        tgt_within = tgt.index_select(0, within)
+        ours, _, _ = step_by_step(dec, tgt_within, enc_rows, kept, range(2, 5))
+        reference, _, _ = step_by_step(dec, tgt_within, enc_rows, everything, range(2, 5))
+        torch.testing.assert_close(torch.cat(ours, 1), torch.cat(reference, 1), atol=0, rtol=0)
+        shrink = dec.reorder_state(state, torch.tensor([4, 5, 0]))  # sentences leave the batch
+        torch.testing.assert_close(shrink["mk0"], state["mk0"].index_select(0, torch.tensor([4, 5, 0])))
+        across = dec.reorder_state(state, torch.tensor([2, 3, 0, 1, 4, 5]))  # sentences swapped
+        assert torch.equal(across["mv0"], state["mv0"].index_select(0, torch.tensor([2, 3, 0, 1, 4, 5])))
+
+
 def test_attention_weights_only_in_eval_mode():
     dec = decoder()
     enc = memory_with_padding([3])

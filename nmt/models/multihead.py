@@ -17,6 +17,7 @@ from torch import nn
 
 from nmt.config import Component, opt
 from nmt.errors import NmtError
+from nmt.models.dropout import dropout as fast_dropout
 from nmt.models.interfaces import Attention
 from nmt.models.zoo import register_attention
 
@@ -46,28 +47,39 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
     weights [B, h, T, S] in fp32 when `need_weights`, else None).
 
     Two implementations of the same formula: `scaled_dot_product_attention` (fused kernels), and an
-    explicit matmul + fp32 softmax. SDPA is the default except for bf16/fp16 tensors on CPU (the
-    autocast training path there): at NMT lengths (B x T = 1-2k tokens, 4 heads of 64) its CPU
-    backward measured 2-6x slower than the explicit path in bf16, while in fp32 it was 1.3-2x faster
-    (torch 2.13, 2-core Sapphire Rapids). `use_sdpa` forces one (None = choose so); the explicit path
-    also serves every call that needs the weights, which SDPA does not return.
+    explicit matmul + fp32 softmax. SDPA is the default except on the CPU for bf16/fp16 tensors that
+    need a backward pass (the autocast training path: at NMT lengths, B x T = 1-2k tokens and 4 heads of
+    64, its CPU backward measured 2-6x slower than the explicit path in bf16, while in fp32 it was
+    1.3-2x faster) and for fp32 single-query decoding steps (torch 2.13, 2-core Sapphire Rapids; see
+    `_sdpa_is_faster_on_cpu`). `use_sdpa` forces one (None = choose so); the explicit path also serves
+    every call that needs the weights, which SDPA does not return.
     """
     if use_sdpa is None:
-        use_sdpa = q.is_cuda or q.dtype == torch.float32
+        use_sdpa = q.is_cuda or _sdpa_is_faster_on_cpu(q, k, v)
     queries, keys = q.size(-2), k.size(-2)
     if use_sdpa and not need_weights:
         if causal and key_mask is None and queries == keys:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True), None
         allowed = _allowed(key_mask, causal, queries, keys, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout), None
-    scores = torch.matmul(q * (1.0 / math.sqrt(q.size(-1))), k.transpose(-2, -1)).float()
+    scores = torch.matmul(q * (1.0 / math.sqrt(q.size(-1))), k.transpose(-2, -1))
     allowed = _allowed(key_mask, causal, queries, keys, q.device)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    dropped = F.dropout(weights, dropout, training=True) if dropout > 0 else weights
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32)  # fp32 softmax of bf16 scores, no copy
+    dropped = fast_dropout(weights, dropout) if dropout > 0 else weights
     context = torch.matmul(dropped.to(v.dtype), v)
     return context, (weights if need_weights else None)
+
+
+def _sdpa_is_faster_on_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Measured on a 2-core Sapphire Rapids, torch 2.13: with a backward pass to come, SDPA wins in fp32
+    and loses 2-6x in bf16; without (decoding), SDPA wins in bf16 (1.3-1.8x) and loses by ~15% in fp32
+    for one query per row (incremental decoding)."""
+    fp32 = q.dtype == torch.float32
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return fp32
+    return not fp32 or q.size(-2) > 1
 
 
 def check_divisible(size: int, heads: int, key: str) -> int:

@@ -19,6 +19,7 @@ from torch import nn
 
 from nmt.config import Component, opt
 from nmt.errors import NmtError
+from nmt.models.dropout import Dropout, dropout_add
 from nmt.models.interfaces import Decoder, DecoderState, Encoder, EncoderOutput
 from nmt.models.multihead import MultiHeadAttention, check_divisible
 from nmt.models.zoo import register_decoder, register_encoder
@@ -78,7 +79,7 @@ class InputLayer(nn.Module):
             self.table = nn.Parameter(torch.randn(options.max_positions, d) * d**-0.5)
         else:
             self.register_buffer("table", sinusoidal_table(options.max_positions, d), persistent=False)
-        self.dropout = nn.Dropout(options.dropout)
+        self.dropout = Dropout(options.dropout)
 
     def position_table(self, needed: int) -> torch.Tensor:
         """The table covering positions 0..needed-1 (sinusoidal tables grow on demand)."""
@@ -101,19 +102,23 @@ class InputLayer(nn.Module):
 
 
 class Residual(nn.Module):
-    """The norm + residual wiring of one sublayer: `before` gives the sublayer input, `after` the output."""
+    """The norm + residual wiring of one sublayer: `before` gives the sublayer input, `after` the output.
+
+    The residual stream keeps its dtype (fp32 under autocast, where LayerNorm runs in fp32): the
+    sublayer output is converted to it before the fused dropout + addition (see `dropout_add`).
+    """
 
     def __init__(self, d_model: int, dropout: float, pre_norm: bool):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.pre_norm = pre_norm
 
     def before(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x) if self.pre_norm else x
 
     def after(self, x: torch.Tensor, sublayer_out: torch.Tensor) -> torch.Tensor:
-        y = x + self.dropout(sublayer_out)
+        y = dropout_add(x, sublayer_out, self.dropout.p, self.training)
         return y if self.pre_norm else self.norm(y)
 
 
@@ -125,7 +130,7 @@ class FeedForward(nn.Module):
         self.inner = nn.Linear(options.d_model, options.ff_size)
         self.outer = nn.Linear(options.ff_size, options.d_model)
         self.activation = F.gelu if options.activation == "gelu" else F.relu
-        self.dropout = nn.Dropout(options.activation_dropout)
+        self.dropout = Dropout(options.activation_dropout)
         for layer in (self.inner, self.outer):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -250,15 +255,35 @@ class TransformerDecoder(Decoder):
 
     def init_state(self, enc: EncoderOutput) -> DecoderState:
         """pos [B] = 0; per layer i: empty self-attention caches k{i}/v{i} [B, heads, 0, d_head] and the
-        memory's cross-attention keys/values mk{i}/mv{i} [B, heads, S, d_head]."""
+        memory's cross-attention keys/values mk{i}/mv{i} [B, heads, S, d_head]; `group` [B] = which
+        sentence's memory each row holds (see `reorder_state`)."""
         memory = enc.memory
         batch = memory.size(0)
-        state: DecoderState = {"pos": torch.zeros(batch, dtype=torch.long, device=memory.device)}
+        state: DecoderState = {"pos": torch.zeros(batch, dtype=torch.long, device=memory.device),
+                               "group": torch.arange(batch, device=memory.device)}
         for i, layer in enumerate(self.layers):
             empty = memory.new_zeros(batch, self.heads, 0, self.d_head)
             state[f"k{i}"], state[f"v{i}"] = empty, empty
-            state[f"mk{i}"], state[f"mv{i}"] = layer.cross_attn.project_memory(memory)
+            mk, mv = layer.cross_attn.project_memory(memory)
+            if not torch.is_grad_enabled():  # decoding: contiguous rows are selected faster
+                mk, mv = mk.contiguous(), mv.contiguous()
+            state[f"mk{i}"], state[f"mv{i}"] = mk, mv
         return state
+
+    def reorder_state(self, state: DecoderState, index: torch.Tensor) -> DecoderState:
+        """Select rows `index`; the memory keys/values are left as they are when every selected row holds
+        the same sentence as before (beam search reordering hypotheses within their sentences: half of
+        the copying per step at beam 5), as the `group` of each row tells."""
+        group = state["group"].index_select(0, index)
+        same_memory = group.shape == state["group"].shape and bool(torch.equal(group, state["group"]))
+        memory_keys = {f"m{kv}{i}" for kv in "kv" for i in range(len(self.layers))}
+        reordered = {}
+        for key, value in state.items():
+            if same_memory and key in memory_keys:
+                reordered[key] = value
+            else:
+                reordered[key] = group if key == "group" else value.index_select(0, index)
+        return reordered
 
     def forward(
         self, tgt_emb: torch.Tensor, enc: EncoderOutput, state: DecoderState
@@ -267,6 +292,8 @@ class TransformerDecoder(Decoder):
         cross-attention weights [B, T, S] or None)."""
         x = self.input(tgt_emb, state["pos"], past=state["k0"].size(2))
         new_state: DecoderState = {"pos": state["pos"] + tgt_emb.size(1)}
+        if "group" in state:
+            new_state["group"] = state["group"]
         weights = None
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
