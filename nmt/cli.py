@@ -76,6 +76,7 @@ def translate(
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="sentences per batch"),
     scores: bool = typer.Option(False, "--scores", help="prefix each line with its score and a tab"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    precision: str = typer.Option("fp32", help="fp32 | bf16 (autocast; faster on CPUs with AMX) | fp16 | auto"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no warnings or progress"),
 ) -> None:
     """Translate text, one output line per input line, in input order."""
@@ -86,7 +87,7 @@ def translate(
     translator = Translator.load(model, device=device)
     lines = _read_input(input)
     results = translator.translate(lines, beam=beam, nbest=nbest, lenpen=lenpen, max_len_a=max_len_a,
-                                   max_len_b=max_len_b, batch_size=batch_size, quiet=quiet)
+                                   max_len_b=max_len_b, batch_size=batch_size, quiet=quiet, precision=precision)
     _write_output(output, format_output(results, nbest=nbest, scores=scores))
 
 

@@ -35,8 +35,9 @@ def test_run_directory_is_complete(tiny_run):
 def test_translate_keeps_line_count_order_and_empty_lines(tiny_run):
     lines = (tiny_run["toy"] / "test.src").read_text().splitlines()[:7]
     text = "\n".join([lines[0], "", lines[1], "   ", *lines[2:]]) + "\n"
-    for beam in ("1", "3"):
-        proc = run_nmt("translate", "-m", str(tiny_run["run"]), "--beam", beam, "--quiet", input=text)
+    for beam, precision in (("1", "fp32"), ("3", "fp32"), ("3", "bf16")):
+        proc = run_nmt("translate", "-m", str(tiny_run["run"]), "--beam", beam, "--precision", precision,
+                       "--quiet", input=text)
         out = proc.stdout.split("\n")
         assert out[-1] == "" and len(out) - 1 == 9
         assert out[1] == "" and out[3] == ""

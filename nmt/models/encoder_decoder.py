@@ -69,9 +69,11 @@ class EncoderDecoder(nn.Module):
         self, tgt_in: torch.Tensor, enc: EncoderOutput, state: DecoderState
     ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
         """tgt_in [B, T] ids -> (logits [B, T, V], new state, attention [B, T, S] or None)."""
-        emb = self.embed_dropout(self.tgt_embed(tgt_in) * self.tgt_scale)
-        hidden, state, attn = self.decoder(emb, enc, state)
+        hidden, state, attn = self.decoder(self.embed_target(tgt_in), enc, state)
         return self.logits(hidden), state, attn
+
+    def embed_target(self, tgt_in: torch.Tensor) -> torch.Tensor:
+        return self.embed_dropout(self.tgt_embed(tgt_in) * self.tgt_scale)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.pre_output is not None:
@@ -80,11 +82,14 @@ class EncoderDecoder(nn.Module):
 
     # -- the two uses ------------------------------------------------------------------------
 
-    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: src [B, S], tgt_in [B, T] (BOS + y) -> logits [B, T, V]."""
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, features_only: bool = False) -> torch.Tensor:
+        """Teacher forcing: src [B, S], tgt_in [B, T] (BOS + y) -> logits [B, T, V]; with `features_only`
+        the output layer's input [B, T, E] instead (for nmt.training.loss.output_label_smoothed_nll)."""
         enc = self.encode(src)
-        logits, _, _ = self.decode(tgt_in, enc, self.init_state(enc))
-        return logits
+        hidden, _, _ = self.decoder(self.embed_target(tgt_in), enc, self.init_state(enc))
+        if features_only:
+            return hidden if self.pre_output is None else self.pre_output(hidden)
+        return self.logits(hidden)
 
     def decode_step(
         self, prev_tokens: torch.Tensor, enc: EncoderOutput, state: DecoderState

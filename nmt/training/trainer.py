@@ -32,13 +32,13 @@ from nmt.data.dataset import ParallelData, read_text
 from nmt.data.tokenizer import Tokenizer
 from nmt.device import resolve_device
 from nmt.errors import NmtError
-from nmt.io import write_atomic
 from nmt.evaluation import bleu
 from nmt.inference.translator import decode_ids
+from nmt.io import write_atomic
 from nmt.models.zoo import build_model
 from nmt.training.checkpoint import load_checkpoint, save_checkpoint
 from nmt.training.distributed import Distributed, setup
-from nmt.training.loss import label_smoothed_nll
+from nmt.training.loss import label_smoothed_nll, output_label_smoothed_nll
 from nmt.training.optim import build_optimizer, build_scheduler
 from nmt.training.precision import autocast, make_grad_scaler, resolve_precision
 
@@ -283,8 +283,11 @@ class Trainer:
             last = i == len(batches) - 1  # DDP all-reduces the gradients during the last backward only
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
                 with autocast(self.precision, self.device):
-                    logits = model(batch.src, batch.tgt_in)
-                loss, nll, _ = label_smoothed_nll(logits, batch.tgt_out, self.cfg.train.label_smoothing)
+                    # the output layer and the loss in one blocked op: the [N, V] logits are never stored
+                    features = model(batch.src, batch.tgt_in, features_only=True)
+                    output = self.model.output_layer
+                    loss, nll, _ = output_label_smoothed_nll(features, output.weight, output.bias, batch.tgt_out,
+                                                             self.cfg.train.label_smoothing)
                 scaled = loss * world / n_tokens
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             losses.append(loss.detach().float())
