@@ -19,6 +19,7 @@ app = typer.Typer(
 )
 
 DEVICE_HELP = "auto | cpu | cuda"
+PRECISION_HELP = "fp32 | bf16 (autocast: faster on CPUs with AMX and on GPUs) | fp16 (CUDA) | auto"
 
 
 @app.command()
@@ -76,7 +77,7 @@ def translate(
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="sentences per batch"),
     scores: bool = typer.Option(False, "--scores", help="prefix each line with its score and a tab"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
-    precision: str = typer.Option("fp32", help="fp32 | bf16 (autocast; faster on CPUs with AMX) | fp16 | auto"),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no warnings or progress"),
 ) -> None:
     """Translate text, one output line per input line, in input order."""
@@ -103,6 +104,7 @@ def evaluate(
     metrics: str = typer.Option("bleu,chrf", "--metrics", help="comma-separated: bleu, chrf, ter"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP),
 ) -> None:
     """Score hypotheses with sacreBLEU, or translate --src with -m MODEL and score that."""
     from nmt.data.corpus import read_lines
@@ -126,7 +128,7 @@ def evaluate(
         from nmt.inference.translator import Translator
 
         results = Translator.load(model, device=device).translate(
-            lines, beam=beam, nbest=1, lenpen=lenpen, batch_size=batch_size, quiet=True
+            lines, beam=beam, nbest=1, lenpen=lenpen, batch_size=batch_size, quiet=True, precision=precision
         )
         hyps = [r[0].text if r else "" for r in results]
     else:

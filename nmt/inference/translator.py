@@ -160,7 +160,7 @@ class Translator:
         hyps = decode_ids(self.model, self.encode(lines, quiet), beam=beam, nbest=nbest, lenpen=lenpen,
                           max_len_a=max_len_a, max_len_b=max_len_b, max_len_cap=self.max_output_tokens,
                           batch_size=batch_size, device=self.device, progress=not quiet,
-                          precision=resolve_precision(precision, self.device))
+                          precision=resolve_precision(precision, self.device, key="--precision"))
         detokenize = self.tgt_tokenizer.decode
         return [[Translation(h.tokens, h.score, h.log_prob, detokenize(h.tokens)) for h in per_line]
                 for per_line in hyps]

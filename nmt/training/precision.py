@@ -24,7 +24,7 @@ def cpu_has_fast_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def resolve_precision(name: str, device: torch.device | str) -> str:
+def resolve_precision(name: str, device: torch.device | str, key: str = "train.precision") -> str:
     """'fp32' | 'bf16' | 'fp16' for `name` on `device`; 'auto' picks the fastest safe one.
 
     auto: CUDA with bf16 (compute capability >= 8.0) -> bf16, older CUDA -> fp16 (with loss scaling),
@@ -32,7 +32,7 @@ def resolve_precision(name: str, device: torch.device | str) -> str:
     """
     device = torch.device(device)
     if name not in PRECISIONS:
-        raise NmtError(f"train.precision: expected one of {', '.join(PRECISIONS)}, got {name!r}")
+        raise NmtError(f"{key}: expected one of {', '.join(PRECISIONS)}, got {name!r}")
     cuda = device.type == "cuda"
     if name == "auto":
         if cuda:
