@@ -520,7 +520,11 @@ def train(cfg: Config, device: str = "auto", resume: bool = False, force: bool =
     DistributedDataParallel run (see nmt/training/distributed.py)."""
     dist, resolved = setup(device)
     try:
-        return Trainer(cfg, device=resolved, resume=resume, force=force, quiet=quiet, dist=dist).train()
+        summary = Trainer(cfg, device=resolved, resume=resume, force=force, quiet=quiet, dist=dist).train()
+        # every rank is done before the process group goes away: a rank that tore gloo down while another
+        # still talked to it aborted ("terminate called without an active exception") under load
+        dist.barrier()
+        return summary
     except CollectiveError:
         if dist.is_main:
             raise
