@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -215,4 +216,25 @@ def main() -> None:
         app()
     except NmtError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(NmtError.exit_code)
+        _exit(NmtError.exit_code)
+    except SystemExit as e:
+        _exit(e.code)
+
+
+def _exit(code: int | str | None) -> None:
+    """sys.exit, except under torchrun: there the process ends at once, after flushing its output.
+
+    Tearing down gloo's threads at interpreter exit, while another rank closes its end, aborted a
+    process now and then ("terminate called without an active exception", exit -6) after the run had
+    finished and written everything; the work is done and saved by then, so nothing is skipped.
+    """
+    from nmt.training.distributed import in_torchrun
+
+    if not in_torchrun():
+        sys.exit(code)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)

@@ -93,10 +93,6 @@ class Distributed:
             raise NmtError(error)
         return result
 
-    def close(self) -> None:
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
-
 
 def in_torchrun() -> bool:
     """True when this process was started by torchrun (or anything that sets its environment)."""

@@ -529,5 +529,5 @@ def train(cfg: Config, device: str = "auto", resume: bool = False, force: bool =
         if dist.is_main:
             raise
         sys.exit(NmtError.exit_code)  # rank 0 reports it; N copies of one message would only be noise
-    finally:
-        dist.close()
+    # The process group is not destroyed: doing so while another rank closed its end aborted processes
+    # now and then; the CLI ends a torchrun process right after (nmt.cli._exit).
