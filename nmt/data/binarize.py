@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from nmt import __version__
 from nmt.config import Config, to_dict
-from nmt.data.corpus import _decode_line, _reading, count_parallel, iter_lines, mismatch_error, parallel_files
+from nmt.data.corpus import count_parallel, decode_line, iter_lines, mismatch_error, parallel_files, reading
 from nmt.data.dataset import SIDES, STATS_FILE, ids_file, offsets_file, spm_file, text_file
 from nmt.data.tokenizer import Tokenizer, train_sentencepiece
 from nmt.errors import NmtError
@@ -183,7 +183,7 @@ class _Chunk:
 def _raw_chunks(files: tuple[Path, Path], size: int) -> Iterator[_Chunk]:
     """The parallel corpus `files` in chunks of `size` raw line pairs."""
     names = (str(files[0]), str(files[1]))
-    with _reading(files[0]) as src, _reading(files[1]) as tgt:
+    with reading(files[0]) as src, reading(files[1]) as tgt:
         first = 1
         while True:
             raw = (list(itertools.islice(src, size)), list(itertools.islice(tgt, size)))
@@ -208,7 +208,7 @@ class _Encoded:
 
 def _encode_chunk(tokenizers: dict[str, Tokenizer], chunk: _Chunk, pair_filter: PairFilter | None,
                   keep_text: bool, threads: int) -> _Encoded:
-    texts = {side: [_decode_line(raw, chunk.names[k], chunk.first + i) for i, raw in enumerate(chunk.raw[k])]
+    texts = {side: [decode_line(raw, chunk.names[k], chunk.first + i) for i, raw in enumerate(chunk.raw[k])]
              for k, side in enumerate(SIDES)}
     encoded = {side: tokenizers[side].sp.encode(texts[side], num_threads=threads) for side in SIDES}
     lengths = {side: np.fromiter(map(len, encoded[side]), dtype=np.int64, count=len(chunk)) for side in SIDES}
@@ -354,11 +354,11 @@ def _sample_lines(paths: list[Path], total: int, sample: int, seed: int = SPM_SE
     rng = np.random.default_rng(seed)
     keep = sample / total
     for path in paths:
-        with _reading(path) as f:
+        with reading(path) as f:
             before = 0
             while block := list(itertools.islice(f, 1 << 16)):
                 for i in np.flatnonzero(rng.random(len(block)) < keep):
-                    yield _decode_line(block[i], str(path), before + int(i) + 1)
+                    yield decode_line(block[i], str(path), before + int(i) + 1)
                 before += len(block)
 
 

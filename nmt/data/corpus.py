@@ -19,7 +19,7 @@ from nmt.errors import NmtError
 BOM = "\ufeff"
 
 
-def _decode_line(raw: bytes, name: str, lineno: int) -> str:
+def decode_line(raw: bytes, name: str, lineno: int) -> str:
     """One raw line (with its line break) -> text without the line break, or an NmtError."""
     if b"\x00" in raw:
         raise NmtError(f"{name}:{lineno}: contains a NUL byte")
@@ -38,7 +38,7 @@ def _decode_line(raw: bytes, name: str, lineno: int) -> str:
 def iter_stream(stream: BinaryIO, name: str) -> Iterator[str]:
     """Lines of an open binary stream (stdin, a file), decoded strictly; `name` is used in errors."""
     for lineno, raw in enumerate(stream, start=1):
-        yield _decode_line(raw, name, lineno)
+        yield decode_line(raw, name, lineno)
 
 
 def read_stream(stream: BinaryIO, name: str) -> list[str]:
@@ -60,7 +60,7 @@ def _open_binary(path: Path) -> BinaryIO:
 
 
 @contextmanager
-def _reading(path: Path) -> Iterator[BinaryIO]:
+def reading(path: Path) -> Iterator[BinaryIO]:
     """`path` opened for binary reading; read failures (gzip included) become NmtErrors naming it."""
     with _open_binary(path) as f:
         try:
@@ -74,7 +74,7 @@ def _reading(path: Path) -> Iterator[BinaryIO]:
 def iter_lines(path: str | Path) -> Iterator[str]:
     """Stream the lines of a text file (`.gz` decompressed), without their line breaks."""
     path = Path(path)
-    with _reading(path) as f:
+    with reading(path) as f:
         yield from iter_stream(f, str(path))
 
 
@@ -89,7 +89,7 @@ def count_lines(path: str | Path, block_size: int = 1 << 20) -> int:
     The text itself is not validated here; reading it with `iter_lines` does that.
     """
     count, last = 0, b"\n"
-    with _reading(Path(path)) as f:
+    with reading(Path(path)) as f:
         while block := f.read(block_size):
             count += block.count(b"\n")
             last = block[-1:]

@@ -73,6 +73,13 @@ def _next_log_probs(model, prev: torch.Tensor, enc: EncoderOutput, state: Decode
     return log_probs, state
 
 
+def _start(model, src: torch.Tensor, max_lens: torch.Tensor) -> tuple[torch.Tensor, int, EncoderOutput]:
+    """What every search starts from: the length limits on src's device, the token buffer width
+    (longest limit + EOS) and the encoded batch."""
+    max_lens = max_lens.to(src.device)
+    return max_lens, int(max_lens.max()) + 1, model.encode(src)
+
+
 def _batch_rows(sentences: torch.Tensor, width: int) -> torch.Tensor:
     """Flat row ids of `width` consecutive rows per sentence: sentences [A] -> [A * width]."""
     return (sentences.unsqueeze(1) * width + torch.arange(width, device=sentences.device)).flatten()
@@ -102,9 +109,7 @@ def greedy_search(model, src: torch.Tensor, max_lens: torch.Tensor, lenpen: floa
     batch, device = src.size(0), src.device
     if batch == 0:
         return []
-    max_lens = max_lens.to(device)
-    width = int(max_lens.max()) + 1
-    enc = model.encode(src)
+    max_lens, width, enc = _start(model, src, max_lens)
     state = model.init_state(enc)
     tokens = torch.full((batch, width), PAD_ID, dtype=torch.long, device=device)
     log_prob = torch.zeros(batch, device=device)
@@ -201,9 +206,7 @@ def beam_search(model, src: torch.Tensor, beam: int, max_lens: torch.Tensor, nbe
     batch, device = src.size(0), src.device
     if batch == 0:
         return []
-    max_lens = max_lens.to(device)
-    width = int(max_lens.max()) + 1
-    enc = model.encode(src)
+    max_lens, width, enc = _start(model, src, max_lens)
     expand = torch.arange(batch, device=device).repeat_interleave(beam)  # sentence b -> rows b*K..b*K+K-1
     state = model.reorder_state(model.init_state(enc), expand)  # init once per sentence, then copy K times
     enc = enc.index_select(expand)

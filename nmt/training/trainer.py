@@ -403,8 +403,8 @@ class Trainer:
             return f"reached train.max_minutes={cfg.max_minutes}"
         return None
 
-    def summary(self) -> str:
-        counts = self.model.parameter_summary()
+    def summary(self, counts: dict[str, int]) -> str:
+        """The start-up line: parameters per component (`counts`), device, precision, effective batch."""
         parts = ", ".join(f"{k} {v:,}" for k, v in counts.items() if k != "total")
         cfg = self.cfg.train
         world = self.dist.world_size
@@ -419,8 +419,8 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run until a limit or early stopping; returns a summary of the run."""
         cfg = self.cfg.train
-        self._say(self.summary())
         counts = self.model.parameter_summary()
+        self._say(self.summary(counts))
         self._log({"type": "start", "step": self.state.step, "parameters": counts["total"],
                    "device": str(self.device), "precision": self.precision, "world_size": self.dist.world_size,
                    "effective_batch_tokens": cfg.batch_tokens * self.dist.world_size * cfg.update_freq})
