@@ -20,7 +20,8 @@ app = typer.Typer(
 )
 
 DEVICE_HELP = "auto | cpu | cuda"
-PRECISION_HELP = "fp32 | bf16 (autocast: faster on CPUs with AMX and on GPUs) | fp16 (CUDA) | auto"
+PRECISION_HELP = "fp32 | bf16 (faster on CPUs with AMX and on GPUs) | fp16 (CUDA) | auto"
+QUANTIZE_HELP = "none | int8: int8 Linear/LSTM/GRU weights (CPU, fp32; see docs/benchmarks.md)"
 
 
 @app.command()
@@ -79,6 +80,7 @@ def translate(
     scores: bool = typer.Option(False, "--scores", help="prefix each line with its score and a tab"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     precision: str = typer.Option("fp32", help=PRECISION_HELP),
+    quantize: str = typer.Option("none", "--quantize", help=QUANTIZE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no warnings or progress"),
 ) -> None:
     """Translate text, one output line per input line, in input order."""
@@ -89,7 +91,8 @@ def translate(
     translator = Translator.load(model, device=device)
     lines = _read_input(input)
     results = translator.translate(lines, beam=beam, nbest=nbest, lenpen=lenpen, max_len_a=max_len_a,
-                                   max_len_b=max_len_b, batch_size=batch_size, quiet=quiet, precision=precision)
+                                   max_len_b=max_len_b, batch_size=batch_size, quiet=quiet, precision=precision,
+                                   quantize=quantize)
     _write_output(output, format_output(results, nbest=nbest, scores=scores))
 
 
@@ -106,6 +109,7 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     precision: str = typer.Option("fp32", help=PRECISION_HELP),
+    quantize: str = typer.Option("none", "--quantize", help=QUANTIZE_HELP),
 ) -> None:
     """Score hypotheses with sacreBLEU, or translate --src with -m MODEL and score that."""
     from nmt.data.corpus import read_lines
@@ -129,8 +133,8 @@ def evaluate(
         from nmt.inference.translator import Translator
 
         results = Translator.load(model, device=device).translate(
-            lines, beam=beam, nbest=1, lenpen=lenpen, batch_size=batch_size, quiet=True, precision=precision
-        )
+            lines, beam=beam, nbest=1, lenpen=lenpen, batch_size=batch_size, quiet=True, precision=precision,
+            quantize=quantize)
         hyps = [r[0].text if r else "" for r in results]
     else:
         hyps = lines

@@ -11,7 +11,8 @@ FIXED_LEN, for comparing speed at equal work whatever the model's quality) -- pr
 - sentences/s and target tokens/s (output tokens + EOS, per second of decoding),
 - time per decoding step (one `decode_step` of the whole batch), split into the model (encoder, decoder
   state init, decoder step incl. output layer and log-softmax) and search overhead (everything else:
-  top-k, bookkeeping, finished pools, reordering the decoder state), with the reordering also on its own,
+  top-k, bookkeeping, finished pools, reordering the decoder state), with the reordering also on its own;
+  converting the model (bf16 copy, int8 quantization) is in the total time but in neither part,
 - BLEU (sacreBLEU) of the translation against --ref, so a faster path that translates worse shows.
 
 Decoding goes through `nmt.inference.search` with the same batching as `nmt translate` (sentences
@@ -35,9 +36,9 @@ import torch  # noqa: E402
 
 from nmt.data.corpus import read_lines  # noqa: E402
 from nmt.evaluation import score  # noqa: E402
+from nmt.inference.numerics import QUANTIZE_CHOICES, decoding_model  # noqa: E402
 from nmt.inference.search import beam_search, greedy_search, max_output_lengths  # noqa: E402
 from nmt.inference.translator import DEFAULT_MAX_LEN_A, DEFAULT_MAX_LEN_B, Translator, pad_sources  # noqa: E402
-from nmt.training.precision import autocast  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "multi30k"
 
@@ -78,14 +79,16 @@ class TimedModel:
 
 
 def decode(translator: Translator, sources: list[list[int]], beam: int, batch_size: int,
-           fixed_len: int, precision: str = "fp32") -> tuple[list[list[int]], dict[str, Any]]:
-    """Token ids of the best hypothesis per source (input order) and the timings."""
-    timed = TimedModel(translator.model)
+           fixed_len: int, precision: str = "fp32", quantize: str = "none") -> tuple[list[list[int]], dict[str, Any]]:
+    """Token ids of the best hypothesis per source (input order) and the timings (converting the model
+    for bf16 or int8, once per call as in `nmt translate`, included)."""
     device = translator.device
     order = sorted((i for i, ids in enumerate(sources) if ids), key=lambda i: -len(sources[i]))
     outputs: list[list[int]] = [[] for _ in sources]
     t0 = time.perf_counter()
-    with torch.inference_mode(), autocast(precision, device):
+    with torch.inference_mode(), decoding_model(translator.model, precision, device, quantize) as model:
+        convert = time.perf_counter() - t0
+        timed = TimedModel(model)
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             src, lengths = pad_sources([sources[i] for i in batch], device)
@@ -101,15 +104,16 @@ def decode(translator: Translator, sources: list[list[int]], beam: int, batch_si
             for i, hyps in zip(batch, found, strict=True):
                 outputs[i] = hyps[0].tokens
     total = time.perf_counter() - t0
-    model = timed.seconds["encode"] + timed.seconds["init_state"] + timed.seconds["decode_step"]
+    in_model = timed.seconds["encode"] + timed.seconds["init_state"] + timed.seconds["decode_step"]
+    search = total - convert - in_model
     steps = max(timed.steps, 1)
     return outputs, {
-        "seconds": total, "decode_steps": timed.steps, "model_seconds": model,
-        "search_overhead_seconds": total - model, "reorder_seconds": timed.seconds["reorder_state"],
+        "seconds": total, "decode_steps": timed.steps, "convert_seconds": convert, "model_seconds": in_model,
+        "search_overhead_seconds": search, "reorder_seconds": timed.seconds["reorder_state"],
         "encode_seconds": timed.seconds["encode"] + timed.seconds["init_state"],
-        "ms_per_step": 1000 * total / steps, "model_ms_per_step": 1000 * model / steps,
-        "search_ms_per_step": 1000 * (total - model) / steps,
-        "search_overhead_share": (total - model) / total,
+        "ms_per_step": 1000 * total / steps, "model_ms_per_step": 1000 * in_model / steps,
+        "search_ms_per_step": 1000 * search / steps,
+        "search_overhead_share": search / total,
     }
 
 
@@ -124,12 +128,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
              for n in ([0, args.fixed_len] if args.fixed_len else [0]) for beam in (1, args.beam)]
     results: dict[str, Any] = {"model": str(args.model), "src": str(args.src), "sentences": len(lines),
                                "batch_size": args.batch_size, "precision": args.precision,
+                               "quantize": args.quantize,
                                "threads": torch.get_num_threads(),
                                "torch": torch.__version__, "modes": {}}
     for name, beam, fixed in modes:
         if args.warmup:
-            decode(translator, sources[: args.batch_size], beam, args.batch_size, fixed, args.precision)
-        outputs, timing = decode(translator, sources, beam, args.batch_size, fixed, args.precision)
+            decode(translator, sources[: args.batch_size], beam, args.batch_size, fixed, args.precision,
+                   args.quantize)
+        outputs, timing = decode(translator, sources, beam, args.batch_size, fixed, args.precision,
+                                 args.quantize)
         out_tokens = sum(len(o) + 1 for o in outputs)  # + EOS
         texts = [translator.tgt_tokenizer.decode(o) for o in outputs]
         entry = {"beam": beam, "fixed_len": fixed, **timing,
@@ -159,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                        help="bf16 = decode under bf16 autocast (nmt translate decodes in fp32)")
+                        help="as nmt translate --precision: bf16 = a bf16-weights copy of the model")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES, help="as nmt translate --quantize")
     parser.add_argument("--warmup", type=int, default=1, help="decode one batch first (not timed); 0 = off")
     args = parser.parse_args(argv)
     if args.ref is None:

@@ -35,9 +35,8 @@ def test_run_directory_is_complete(tiny_run):
 def test_translate_keeps_line_count_order_and_empty_lines(tiny_run):
     lines = (tiny_run["toy"] / "test.src").read_text().splitlines()[:7]
     text = "\n".join([lines[0], "", lines[1], "   ", *lines[2:]]) + "\n"
-    for beam, precision in (("1", "fp32"), ("3", "fp32"), ("3", "bf16")):
-        proc = run_nmt("translate", "-m", str(tiny_run["run"]), "--beam", beam, "--precision", precision,
-                       "--quiet", input=text)
+    for beam, options in (("1", ()), ("3", ()), ("3", ("--precision", "bf16")), ("3", ("--quantize", "int8"))):
+        proc = run_nmt("translate", "-m", str(tiny_run["run"]), "--beam", beam, *options, "--quiet", input=text)
         out = proc.stdout.split("\n")
         assert out[-1] == "" and len(out) - 1 == 9
         assert out[1] == "" and out[3] == ""
@@ -129,6 +128,13 @@ def test_translate_bad_input_and_output(tiny_run, tmp_path):
     out = tmp_path / "missing" / "out.txt"
     assert_user_error(run_nmt("translate", "-m", str(tiny_run["run"]), "-o", str(out), input="x\n",
                               check=False), "does not exist")
+
+
+def test_translate_bad_quantize(tiny_run):
+    for options, fragment in ((("--quantize", "int4"), "--quantize: expected one of none, int8"),
+                              (("--quantize", "int8", "--precision", "bf16"), "--quantize int8 replaces")):
+        proc = run_nmt("translate", "-m", str(tiny_run["run"]), *options, input="x\n", check=False)
+        assert_user_error(proc, fragment)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")

@@ -1,4 +1,4 @@
-"""Every recipe in configs/ builds its model, trains a few steps on CPU and translates.
+"""Every recipe in configs/ builds its model, trains a few steps on CPU and translates (fp32, bf16, int8).
 
 The recipes' own data sections point at corpora a test cannot assume (the quickstart's, Multi30k),
 so each recipe's `model:` and `train:` sections are kept and its data is swapped for the session's
@@ -30,6 +30,8 @@ def test_recipe_trains_and_translates(recipe: Path, tiny_run: dict, tmp_path: Pa
     assert summary["steps"] == 2
     translator = Translator.load(tmp_path / "run", device="cpu")
     source = (tiny_run["toy"] / "test.src").read_text().splitlines()[:3]
-    for beam in (1, 3):
-        results = translator.translate(source, beam=beam, max_len_b=5, quiet=True)
+    for beam, precision, quantize in ((1, "fp32", "none"), (3, "fp32", "none"), (3, "bf16", "none"),
+                                      (3, "fp32", "int8")):
+        results = translator.translate(source, beam=beam, max_len_b=5, quiet=True, precision=precision,
+                                       quantize=quantize)
         assert len(results) == len(source) and all(len(r) == 1 for r in results)

@@ -197,6 +197,21 @@ def test_decoder_cells_and_init(cell, init):
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=0)
 
 
+def test_single_steps_drop_out_between_layers_in_training_only():
+    """One-position steps go through torch's cell ops (`_cell_step`), which must apply nn.RNN's dropout
+    between layers exactly when nn.RNN would: in training, not after the top layer."""
+    torch.manual_seed(0)
+    decoder = make_decoder("bahdanau", cell="lstm", layers=2, dropout=0.5)
+    decoder.dropout.p = 0.0  # only the between-layer dropout varies
+    enc, emb = fake_encoding(), torch.randn(3, 1, E)
+    evaluated, _, _ = decoder(emb, enc, decoder.init_state(enc))
+    decoder.train()
+    trained = [decoder(emb, enc, decoder.init_state(enc))[0] for _ in range(2)]
+    assert not torch.allclose(trained[0], trained[1]) and not torch.allclose(trained[0], evaluated)
+    decoder.rnn.dropout = 0.0
+    torch.testing.assert_close(decoder(emb, enc, decoder.init_state(enc))[0], evaluated)
+
+
 def test_bridge_falls_back_to_the_mean_of_memory_when_the_encoder_has_no_final_state():
     decoder = make_decoder("none")
     enc = fake_encoding()

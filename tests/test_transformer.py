@@ -196,6 +196,7 @@ def test_decoder_is_causal():
 def test_incremental_decoding_equals_teacher_forcing(norm, positions):
     torch.manual_seed(0)
     dec = decoder(input_size=12, memory_size=10, norm=norm, positions=positions)
+    dec.return_attention = True
     enc = memory_with_padding([4, 2, 6], size=10)
     tgt = torch.randn(3, 5, 12)
     full, full_state, full_attn = dec(tgt, enc, dec.init_state(enc))
@@ -247,9 +248,11 @@ def test_reordering_within_sentences_keeps_the_memory_keys_and_values():
         assert torch.equal(across["mv0"], state["mv0"].index_select(0, torch.tensor([2, 3, 0, 1, 4, 5])))
 
 
-def test_attention_weights_only_in_eval_mode():
+def test_attention_weights_only_on_request_and_in_eval_mode():
     dec = decoder()
     enc = memory_with_padding([3])
+    assert dec(torch.randn(1, 2, 16), enc, dec.init_state(enc))[2] is None  # search does not need them
+    dec.return_attention = True
     assert dec(torch.randn(1, 2, 16), enc, dec.init_state(enc))[2] is not None
     dec.train()
     assert dec(torch.randn(1, 2, 16), enc, dec.init_state(enc))[2] is None

@@ -20,10 +20,11 @@ from nmt.config import Component, from_dict
 from nmt.data.tokenizer import Tokenizer, encode_source
 from nmt.device import resolve_device
 from nmt.errors import NmtError
+from nmt.inference.numerics import check_quantize, decoding_model
 from nmt.inference.search import Hypothesis, beam_search, greedy_search, max_output_lengths
 from nmt.models.zoo import build_model
 from nmt.training.checkpoint import load_checkpoint
-from nmt.training.precision import autocast, resolve_precision
+from nmt.training.precision import resolve_precision
 from nmt.vocab import PAD_ID
 
 DEFAULT_MAX_LEN_A = 1.5
@@ -37,15 +38,15 @@ REQUIRED_KEYS = ("config", "model", "src_vocab_size", "tgt_vocab_size", "vocab")
 def decode_ids(model, sources: Sequence[Sequence[int]], *, beam: int = 5, nbest: int = 1, lenpen: float = 1.0,
                max_len_a: float = DEFAULT_MAX_LEN_A, max_len_b: float = DEFAULT_MAX_LEN_B,
                max_len_cap: int | None = None, batch_size: int = 64, device: torch.device | str | None = None,
-               progress: bool = False, precision: str = "fp32") -> list[list[Hypothesis]]:
+               progress: bool = False, precision: str = "fp32", quantize: str = "none") -> list[list[Hypothesis]]:
     """Translate encoder inputs (token ids, EOS included) -> per source its `nbest` hypotheses, best first,
     in input order.
 
     Sources are sorted by length (longest first, so memory peaks early) and cut into batches of
     `batch_size` sentences; beam 1 is greedy search. An empty source gives one empty hypothesis
     (score 0) without calling the model. Runs in eval mode under `torch.inference_mode()` and puts
-    the model back in the mode it was in. `precision` bf16 runs the model under bf16 autocast (scores
-    stay fp32).
+    the model back in the mode it was in. `precision` and `quantize` choose how the model computes
+    (`nmt.inference.numerics`: bf16 or int8 decode with a converted copy); scores stay fp32.
     """
     if beam < 1 or batch_size < 1:
         raise NmtError(f"beam ({beam}) and batch size ({batch_size}) must be at least 1")
@@ -58,15 +59,15 @@ def decode_ids(model, sources: Sequence[Sequence[int]], *, beam: int = 5, nbest:
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), autocast(precision, device):
+        with torch.inference_mode(), decoding_model(model, precision, device, quantize) as decoder:
             bar = tqdm(batches, disable=not progress or None, file=sys.stderr, unit="batch", leave=False)
             for batch in bar:
                 src, lengths = pad_sources([sources[i] for i in batch], device)
                 max_lens = max_output_lengths(lengths, max_len_a, max_len_b, max_len_cap)
                 if beam == 1:
-                    found = [[hyp] for hyp in greedy_search(model, src, max_lens, lenpen=lenpen)]
+                    found = [[hyp] for hyp in greedy_search(decoder, src, max_lens, lenpen=lenpen)]
                 else:
-                    found = beam_search(model, src, beam, max_lens, nbest=nbest, lenpen=lenpen)
+                    found = beam_search(decoder, src, beam, max_lens, nbest=nbest, lenpen=lenpen)
                 for i, hyps in zip(batch, found, strict=True):
                     results[i] = hyps
     finally:
@@ -154,13 +155,16 @@ class Translator:
 
     def translate(self, lines: Sequence[str], *, beam: int = 5, nbest: int = 1, lenpen: float = 1.0,
                   max_len_a: float = DEFAULT_MAX_LEN_A, max_len_b: float = DEFAULT_MAX_LEN_B,
-                  batch_size: int = 64, quiet: bool = False, precision: str = "fp32") -> list[list[Translation]]:
+                  batch_size: int = 64, quiet: bool = False, precision: str = "fp32",
+                  quantize: str = "none") -> list[list[Translation]]:
         """Per input line its `nbest` translations, best first, in input order (see `decode_ids`);
         empty or whitespace-only lines give one empty translation."""
+        precision = resolve_precision(precision, self.device, key="--precision")
+        check_quantize(quantize, precision, self.device)  # before any work
         hyps = decode_ids(self.model, self.encode(lines, quiet), beam=beam, nbest=nbest, lenpen=lenpen,
                           max_len_a=max_len_a, max_len_b=max_len_b, max_len_cap=self.max_output_tokens,
                           batch_size=batch_size, device=self.device, progress=not quiet,
-                          precision=resolve_precision(precision, self.device, key="--precision"))
+                          precision=precision, quantize=quantize)
         detokenize = self.tgt_tokenizer.decode
         return [[Translation(h.tokens, h.score, h.log_prob, detokenize(h.tokens)) for h in per_line]
                 for per_line in hyps]

@@ -234,7 +234,9 @@ class TransformerDecoder(Decoder):
 
     `model.attention` must be `none` or `multihead`: the cross-attention is built in and uses this
     decoder's own `heads` and `attention_dropout`. Cross-attention weights (last layer, averaged over
-    heads) are returned in eval mode only, where search may use them; training skips computing them.
+    heads) are returned only when `return_attention` is set (for alignments; off by default, since
+    search does not use them and computing them keeps the last layer off the fused attention kernel)
+    and the decoder is in eval mode.
     """
 
     def __init__(self, options: TransformerDecoderOptions, input_size: int, memory_size: int,
@@ -252,6 +254,7 @@ class TransformerDecoder(Decoder):
         self.layers = nn.ModuleList(DecoderLayer(options, memory_size) for _ in range(options.layers))
         self.final_norm = _final_norm(options)
         self.output_size = options.d_model
+        self.return_attention = False
 
     def init_state(self, enc: EncoderOutput) -> DecoderState:
         """pos [B] = 0; per layer i: empty self-attention caches k{i}/v{i} [B, heads, 0, d_head] and the
@@ -297,7 +300,7 @@ class TransformerDecoder(Decoder):
         weights = None
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            need_weights = not self.training and i == last
+            need_weights = self.return_attention and not self.training and i == last
             cache, memory_kv = (state[f"k{i}"], state[f"v{i}"]), (state[f"mk{i}"], state[f"mv{i}"])
             x, (k, v), weights = layer(x, cache, memory_kv, enc.mask, need_weights)
             new_state.update({f"k{i}": k, f"v{i}": v, f"mk{i}": memory_kv[0], f"mv{i}": memory_kv[1]})

@@ -347,9 +347,8 @@ class Trainer:
         nll_total, tokens = self.dist.all_reduce_sum([nll_total, tokens])
         mine = range(rank, len(self.valid_data), world)
         sources = [self.valid_data.source_ids(i) for i in mine]
-        with autocast(self.precision, self.device):
-            hyps = decode_ids(self.model, sources, beam=cfg.valid_beam, batch_size=cfg.valid_batch_size,
-                              device=self.device) if sources else []
+        hyps = decode_ids(self.model, sources, beam=cfg.valid_beam, batch_size=cfg.valid_batch_size,
+                          device=self.device, precision=self.precision) if sources else []
         texts: list[str] = [""] * len(self.valid_data)
         for r, part in enumerate(self.dist.all_gather([self.tgt_tok.decode(h[0].tokens) for h in hyps])):
             texts[r::world] = part
