@@ -96,7 +96,7 @@ class EncoderDecoder(nn.Module):
     ) -> tuple[torch.Tensor, DecoderState, torch.Tensor | None]:
         """One incremental step: prev_tokens [B] -> (log-probs [B, V] in fp32, state, attention [B, S])."""
         logits, state, attn = self.decode(prev_tokens.unsqueeze(1), enc, state)
-        log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1)
+        log_probs = torch.log_softmax(logits[:, -1], dim=-1, dtype=torch.float32)  # bf16 read, fp32 written
         return log_probs, state, None if attn is None else attn[:, -1]
 
     def parameter_summary(self) -> dict[str, int]:
