@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from nmt.errors import NmtError
+from nmt.inference import DEFAULT_BATCH_SIZE
 
 app = typer.Typer(
     add_completion=False,
@@ -76,7 +77,7 @@ def translate(
     lenpen: float = typer.Option(1.0, "--lenpen", help="length penalty: score = logprob / length**lenpen"),
     max_len_a: float = typer.Option(1.5, "--max-len-a", help="max output length = a * source length + b"),
     max_len_b: int = typer.Option(10, "--max-len-b", help="max output length = a * source length + b"),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="sentences per batch"),
+    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", min=1, help="sentences per batch"),
     scores: bool = typer.Option(False, "--scores", help="prefix each line with its score and a tab"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     precision: str = typer.Option("fp32", help=PRECISION_HELP),
@@ -104,7 +105,7 @@ def evaluate(
     src: Path | None = typer.Option(None, "--src", help="source file to translate (with -m)"),
     beam: int = typer.Option(5, "--beam", min=1),
     lenpen: float = typer.Option(1.0, "--lenpen"),
-    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", min=1, help="sentences per batch"),
     metrics: str = typer.Option("bleu,chrf", "--metrics", help="comma-separated: bleu, chrf, ter"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     device: str = typer.Option("auto", help=DEVICE_HELP),

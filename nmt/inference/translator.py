@@ -20,6 +20,7 @@ from nmt.config import Component, from_dict
 from nmt.data.tokenizer import Tokenizer, encode_source
 from nmt.device import resolve_device
 from nmt.errors import NmtError
+from nmt.inference import DEFAULT_BATCH_SIZE
 from nmt.inference.numerics import check_quantize, decoding_model
 from nmt.inference.search import Hypothesis, beam_search, greedy_search, max_output_lengths
 from nmt.models.zoo import build_model
@@ -37,8 +38,9 @@ REQUIRED_KEYS = ("config", "model", "src_vocab_size", "tgt_vocab_size", "vocab")
 
 def decode_ids(model, sources: Sequence[Sequence[int]], *, beam: int = 5, nbest: int = 1, lenpen: float = 1.0,
                max_len_a: float = DEFAULT_MAX_LEN_A, max_len_b: float = DEFAULT_MAX_LEN_B,
-               max_len_cap: int | None = None, batch_size: int = 64, device: torch.device | str | None = None,
-               progress: bool = False, precision: str = "fp32", quantize: str = "none") -> list[list[Hypothesis]]:
+               max_len_cap: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+               device: torch.device | str | None = None, progress: bool = False, precision: str = "fp32",
+               quantize: str = "none") -> list[list[Hypothesis]]:
     """Translate encoder inputs (token ids, EOS included) -> per source its `nbest` hypotheses, best first,
     in input order.
 
@@ -155,7 +157,7 @@ class Translator:
 
     def translate(self, lines: Sequence[str], *, beam: int = 5, nbest: int = 1, lenpen: float = 1.0,
                   max_len_a: float = DEFAULT_MAX_LEN_A, max_len_b: float = DEFAULT_MAX_LEN_B,
-                  batch_size: int = 64, quiet: bool = False, precision: str = "fp32",
+                  batch_size: int = DEFAULT_BATCH_SIZE, quiet: bool = False, precision: str = "fp32",
                   quantize: str = "none") -> list[list[Translation]]:
         """Per input line its `nbest` translations, best first, in input order (see `decode_ids`);
         empty or whitespace-only lines give one empty translation."""
