@@ -44,8 +44,9 @@ def check_quantize(quantize: str, precision: str, device: torch.device | str) ->
 @contextlib.contextmanager
 def decoding_model(model: nn.Module, precision: str, device: torch.device | str,
                    quantize: str = "none") -> Iterator[nn.Module]:
-    """The model to decode with in `precision` ('fp32' | 'bf16' | 'fp16'), in eval mode; with fp16 the
-    enclosed block also runs under autocast. `model` itself is left as it is."""
+    """The model to decode with in `precision` ('fp32' | 'bf16' | 'fp16'): `model` itself for fp32 and
+    fp16 (the enclosed block then runs under autocast), else a converted copy in eval mode. `model` is
+    never changed."""
     check_quantize(quantize, precision, device)
     if quantize == "int8":
         yield quantized_int8(model)
