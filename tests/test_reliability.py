@@ -492,13 +492,13 @@ def test_ctrl_c_during_translate_leaves_the_old_output_untouched(tiny_run, tmp_p
     words = (tiny_run["toy"] / "test.src").read_text().split()
     long_line = " ".join(words * (2000 // len(words) + 1))  # > 1024 tokens: warns, then decodes for a while
     src = tmp_path / "big.txt"
-    # 20,000 more lines: seconds of decoding, so the Ctrl-C lands mid-way even on a fast machine
+    # 20,000 more lines, decoded one at a time: minutes of decoding, so the Ctrl-C lands mid-way on any machine
     src.write_text(long_line + "\n" + (tiny_run["toy"] / "train.src").read_text() * 50)
     out = tmp_path / "out.txt"
     out.write_text("the previous translation\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "nmt", "translate", "-m", str(tiny_run["run"]), "-i", str(src),
-                             "-o", str(out)], stderr=subprocess.PIPE, env=env)
+                             "-o", str(out), "--batch-size", "1"], stderr=subprocess.PIPE, env=env)
     assert proc.stderr.readline().startswith(b"warning: line 1:")  # inputs read and encoded: decoding now
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
