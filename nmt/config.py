@@ -64,6 +64,14 @@ class VocabConfig:
 
 
 @dataclass
+class SamplingConfig:
+    copies: int = opt(0, ge=0, doc="extra segmentations of the training data, each with subword sampling "
+                                   "(BPE-dropout); training reads one per epoch, in turn with the plain one")
+    alpha: float = opt(0.1, gt=0, lt=1, doc="bpe: probability of skipping each merge (BPE-dropout); unigram: "
+                                            "smoothing of the sampling distribution")
+
+
+@dataclass
 class DataConfig:
     src_lang: str = opt("src", doc="source file suffix (language code)")
     tgt_lang: str = opt("tgt", doc="target file suffix (language code)")
@@ -74,6 +82,7 @@ class DataConfig:
     max_len: int = opt(100, gt=0, doc="drop training pairs longer than this (subword tokens)")
     max_len_ratio: float = opt(3.0, gt=0, doc="drop training pairs whose length ratio exceeds this")
     vocab: VocabConfig = opt(factory=VocabConfig)
+    sampling: SamplingConfig = opt(factory=SamplingConfig)
     workers: int | None = opt(None, gt=0, doc="encoding processes for `nmt preprocess` (default min(4, CPUs))")
     shard_size: int = opt(1_000_000, gt=0, doc="sentences per binarized shard of a split")
 

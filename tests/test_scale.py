@@ -13,7 +13,7 @@ import pytest
 from nmt.data import binarize
 from nmt.data.batching import collate, token_batches
 from nmt.data.binarize import PairFilter, _sample_lines, preprocess
-from nmt.data.dataset import ParallelData
+from nmt.data.dataset import ParallelData, sampled_split
 from nmt.errors import NmtError
 from tests.test_tokenizer_binarize import make_config, target_of, write_corpus, write_lines
 
@@ -22,13 +22,16 @@ SPLITS = ("train", "valid", "test")
 
 @pytest.fixture(scope="module")
 def two_ways(tmp_path_factory):
-    """One corpus preprocessed in this process (plain layout) and by 2 workers in shards of 300."""
+    """One corpus preprocessed in this process (plain layout) and by 2 workers in shards of 300, each with
+    a sampled copy of the training data."""
     folder = tmp_path_factory.mktemp("scale")
     write_corpus(folder, {"train": 1000, "valid": 40, "test": 30})
+    sampling = {"copies": 1, "alpha": 0.2}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(binarize, "CHUNK_LINES", 64)  # many chunks, so that the workers really share them
-        plain = preprocess(make_config(folder, out="plain", workers=1, max_len=30), quiet=True)
-        sharded = preprocess(make_config(folder, out="sharded", workers=2, shard_size=300, max_len=30), quiet=True)
+        plain = preprocess(make_config(folder, out="plain", workers=1, max_len=30, sampling=sampling), quiet=True)
+        sharded = preprocess(make_config(folder, out="sharded", workers=2, shard_size=300, max_len=30,
+                                         sampling=sampling), quiet=True)
     return folder, plain, sharded
 
 
@@ -55,13 +58,13 @@ def test_shards_and_workers_change_nothing_but_the_file_layout(two_ways):
 
 def test_sharded_data_reads_like_plain_data(two_ways):
     folder = two_ways[0]
-    for split in SPLITS:
+    for split in (*SPLITS, sampled_split(1)):
         one, many = ParallelData.open(folder / "plain", split), ParallelData.open(folder / "sharded", split)
         assert len(one) == len(many)
         assert np.array_equal(one.src_lengths, many.src_lengths) and np.array_equal(one.tgt_lengths, many.tgt_lengths)
         for i in range(len(one)):
             assert one.src(i).tolist() == many.src(i).tolist() and one.tgt(i).tolist() == many.tgt(i).tolist()
-        if split != "train":
+        if split in ("valid", "test"):
             for side in ("src", "tgt"):
                 name = f"{split}.{side}.txt"
                 assert (folder / "plain" / name).read_text() == (folder / "sharded" / name).read_text()

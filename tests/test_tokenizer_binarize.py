@@ -16,7 +16,7 @@ import sentencepiece as spm
 from nmt.config import from_dict
 from nmt.data.binarize import PairFilter, preprocess
 from nmt.data.corpus import iter_lines
-from nmt.data.dataset import ParallelData, read_text
+from nmt.data.dataset import ParallelData, open_training_data, read_text
 from nmt.data.tokenizer import Tokenizer, encode_source, train_sentencepiece
 from nmt.errors import NmtError
 from nmt.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
@@ -278,10 +278,11 @@ def test_progress_goes_to_stderr_only_and_quiet_silences_it(tmp_path, capfd):
     assert capfd.readouterr() == ("", "")
 
 
-def test_preprocess_is_deterministic(tmp_path):
+@pytest.mark.parametrize("copies", [0, 2])
+def test_preprocess_is_deterministic(tmp_path, copies):
     write_corpus(tmp_path)
-    preprocess(make_config(tmp_path, out="one"), quiet=True)
-    preprocess(make_config(tmp_path, out="two"), quiet=True)
+    preprocess(make_config(tmp_path, out="one", sampling={"copies": copies}), quiet=True)
+    preprocess(make_config(tmp_path, out="two", sampling={"copies": copies}), quiet=True)
     one, two = tree(tmp_path / "one"), tree(tmp_path / "two")
     one.pop("stats.json"), two.pop("stats.json")  # they name their own directory
     assert one == two
@@ -333,6 +334,44 @@ def test_everything_filtered_is_an_error_naming_the_filters(tmp_path):
         preprocess(make_config(tmp_path, test=False, max_len=2), quiet=True)
     assert not (tmp_path / "data").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left
+
+
+# ----------------------------------------------------------------------------------------------
+# preprocess: sampled segmentations of the training data (data.sampling)
+
+
+@pytest.mark.parametrize("vocab_type", ["bpe", "unigram"])
+def test_sampled_copies_segment_the_kept_pairs_anew(tmp_path, vocab_type):
+    sources = write_corpus(tmp_path)
+    write_lines(tmp_path / "train.en", [*sources["train"], " ".join(["river"] * 200)])  # dropped: too long
+    write_lines(tmp_path / "train.de", [*map(target_of, sources["train"]), "REVIR"])
+    cfg = make_config(tmp_path, max_len=150, max_len_ratio=10.0, vocab={"type": vocab_type},
+                      sampling={"copies": 2, "alpha": 0.3})
+    stats = preprocess(cfg, quiet=True)
+    out = tmp_path / "data"
+    train = stats["splits"]["train"]
+    assert train["pairs"] == 300 and train["filtered"]["too_long"] == 1
+    sets = open_training_data(out)
+    assert [len(s) for s in sets] == [300, 300, 300]
+    assert not list(out.glob("valid-*")) and not list(out.glob("test-*"))
+    tokenizers = {"src": Tokenizer.load(out / "spm.src.model"), "tgt": Tokenizer.load(out / "spm.tgt.model")}
+    plain = sets[0]
+    for side, tok in tokenizers.items():
+        lengths = [getattr(s, f"{side}_lengths") for s in sets]
+        assert train["sampled"][f"{side}_tokens"] == [int(x.sum()) for x in lengths[1:]]
+        assert all((x >= lengths[0]).all() for x in lengths[1:])  # sampling only splits more
+        for copy in sets[1:]:
+            read = getattr(copy, side)
+            assert all(tok.decode(read(i)) == tok.decode(getattr(plain, side)(i)) for i in range(300))
+            assert any(read(i).tolist() != getattr(plain, side)(i).tolist() for i in range(300))
+        assert not np.array_equal(lengths[1], lengths[2])  # two different samples
+    assert train["sampled"]["copies"] == 2 and train["sampled"]["alpha"] == 0.3
+
+
+def test_without_sampling_there_is_one_training_set(prepared):
+    _, out, sources, stats = prepared
+    assert "sampled" not in stats["splits"]["train"]
+    assert [len(s) for s in open_training_data(out)] == [len(sources["train"])]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,3 +51,28 @@ def test_different_seeds_give_different_curves(tiny_run, tmp_path):
     train(from_dict(_config(tiny_run, tmp_path / "a", seed=1)), device="cpu", quiet=True)
     train(from_dict(_config(tiny_run, tmp_path / "b", seed=2)), device="cpu", quiet=True)
     assert _losses(tmp_path / "a") != _losses(tmp_path / "b")
+
+
+def test_epochs_read_the_sampled_segmentations_in_turn(tiny_run, tmp_path, monkeypatch):
+    from itertools import groupby
+
+    from nmt.data.binarize import preprocess
+    from nmt.training import trainer as trainer_module
+
+    data = yaml.safe_load(tiny_run["config"].read_text())
+    data["data"].update(dir=str(tmp_path / "bin"), sampling={"copies": 2, "alpha": 0.3})
+    preprocess(from_dict(data), quiet=True)
+    read = []
+
+    def collate(dataset, indices):
+        read.append(Path(dataset.name).name)
+        return real_collate(dataset, indices)
+
+    real_collate = trainer_module.collate
+    monkeypatch.setattr(trainer_module, "collate", collate)
+    data["train"].update(run_dir=str(tmp_path / "run"), max_steps=0, max_epochs=4, valid_every=1000,
+                         batch_tokens=4000)
+    summary = train(from_dict(data), device="cpu", quiet=True)
+    assert summary["epochs"] == 4
+    epochs = [name for name, _ in groupby(name for name in read if name != "valid")]
+    assert epochs == ["train", "train-sampled1", "train-sampled2", "train"]

@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sentencepiece as spm
 from tqdm import tqdm
 
 from nmt import __version__
-from nmt.config import Config, to_dict
+from nmt.config import Config, SamplingConfig, to_dict
 from nmt.data.corpus import count_parallel, decode_line, iter_lines, mismatch_error, parallel_files, reading
-from nmt.data.dataset import SIDES, STATS_FILE, ids_file, offsets_file, spm_file, text_file
+from nmt.data.dataset import SIDES, STATS_FILE, ids_file, offsets_file, sampled_split, spm_file, text_file
 from nmt.data.tokenizer import Tokenizer, train_sentencepiece
 from nmt.errors import NmtError
 from nmt.vocab import UNK_ID
@@ -196,6 +197,14 @@ def _raw_chunks(files: tuple[Path, Path], size: int) -> Iterator[_Chunk]:
             first += len(raw[0])
 
 
+Flat = tuple[np.ndarray, np.ndarray]  # the concatenated ids of some sentences, and their lengths
+
+
+def _flatten(sentences: list[list[int]]) -> Flat:
+    lengths = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
+    return np.fromiter(itertools.chain.from_iterable(sentences), dtype=np.int32, count=int(lengths.sum())), lengths
+
+
 @dataclass
 class _Encoded:
     """One chunk, encoded and filtered: per side the concatenated ids and lengths of the kept pairs."""
@@ -204,10 +213,24 @@ class _Encoded:
     lengths: dict[str, np.ndarray]
     filtered: dict[str, int]
     texts: dict[str, list[str]] | None  # the kept lines, when asked for (valid/test)
+    samples: list[dict[str, Flat]]  # per sampled copy, per side: the kept pairs' sampled segmentation
+
+
+def _sampling_seed(first_line: int, copy: int, side: int) -> int:
+    """SentencePiece's sampling seed for one side of copy `copy` of the chunk starting at `first_line`:
+    a function of these only, so the sampled copies do not depend on the number of workers."""
+    return int(np.random.SeedSequence([SPM_SEED, first_line, copy, side]).generate_state(1)[0])
+
+
+def _sample(tokenizer: Tokenizer, texts: list[str], alpha: float, seed: int) -> list[list[int]]:
+    """A sampled segmentation of `texts` (BPE-dropout for a bpe model, subword regularization for a unigram
+    one), reproducible from `seed` (one thread: SentencePiece's threads would draw in any order)."""
+    spm.set_random_generator_seed(seed)
+    return tokenizer.sp.encode(texts, enable_sampling=True, alpha=alpha, nbest_size=-1, num_threads=1)
 
 
 def _encode_chunk(tokenizers: dict[str, Tokenizer], chunk: _Chunk, pair_filter: PairFilter | None,
-                  keep_text: bool, threads: int) -> _Encoded:
+                  keep_text: bool, threads: int, sampling: SamplingConfig | None = None) -> _Encoded:
     texts = {side: [decode_line(raw, chunk.names[k], chunk.first + i) for i, raw in enumerate(chunk.raw[k])]
              for k, side in enumerate(SIDES)}
     encoded = {side: tokenizers[side].sp.encode(texts[side], num_threads=threads) for side in SIDES}
@@ -224,10 +247,13 @@ def _encode_chunk(tokenizers: dict[str, Tokenizer], chunk: _Chunk, pair_filter: 
         if keep is not None:
             encoded[side] = [encoded[side][i] for i in keep]
             texts[side] = [texts[side][i] for i in keep]
-            lengths[side] = lengths[side][keep]
-        flat[side] = np.fromiter(itertools.chain.from_iterable(encoded[side]), dtype=np.int32,
-                                 count=int(lengths[side].sum()))
-    return _Encoded(flat, lengths, filtered, texts if keep_text else None)
+        flat[side], lengths[side] = _flatten(encoded[side])
+    samples = []  # the filter's decisions hold for every copy: it judged the plain segmentation
+    for copy in range(1, (sampling.copies if sampling is not None else 0) + 1):
+        samples.append({side: _flatten(_sample(tokenizers[side], texts[side], sampling.alpha,
+                                               _sampling_seed(chunk.first, copy, k)))
+                        for k, side in enumerate(SIDES)})
+    return _Encoded(flat, lengths, filtered, texts if keep_text else None, samples)
 
 
 _WORKER_TOKENIZERS: dict[str, Tokenizer] = {}
@@ -239,8 +265,9 @@ def _worker_init(models: dict[str, bytes]) -> None:
         _WORKER_TOKENIZERS[side] = loaded.setdefault(model, Tokenizer(model, f"spm.{side}.model"))
 
 
-def _worker_encode(chunk: _Chunk, pair_filter: PairFilter | None, keep_text: bool) -> _Encoded:
-    return _encode_chunk(_WORKER_TOKENIZERS, chunk, pair_filter, keep_text, threads=1)
+def _worker_encode(chunk: _Chunk, pair_filter: PairFilter | None, keep_text: bool,
+                   sampling: SamplingConfig | None) -> _Encoded:
+    return _encode_chunk(_WORKER_TOKENIZERS, chunk, pair_filter, keep_text, threads=1, sampling=sampling)
 
 
 def _start_method() -> Any:
@@ -278,17 +305,19 @@ class _Encoder:
             self.pool.join()
 
     def map(self, chunks: Iterable[_Chunk], pair_filter: PairFilter | None, keep_text: bool,
-            n_chunks: int) -> Iterator[tuple[_Chunk, _Encoded]]:
+            n_chunks: int, sampling: SamplingConfig | None = None) -> Iterator[tuple[_Chunk, _Encoded]]:
         if self.workers <= 1 or n_chunks <= 1:  # SentencePiece's own threads still encode each chunk
             for chunk in chunks:
-                yield chunk, _encode_chunk(self.tokenizers, chunk, pair_filter, keep_text, threads=-1)
+                yield chunk, _encode_chunk(self.tokenizers, chunk, pair_filter, keep_text, threads=-1,
+                                           sampling=sampling)
             return
         if self.pool is None:
             models = {side: tok.model_bytes for side, tok in self.tokenizers.items()}
             self.pool = _start_method().Pool(self.workers, _worker_init, (models,))
         pending: collections.deque = collections.deque()
         for chunk in chunks:
-            pending.append((chunk, self.pool.apply_async(_worker_encode, (chunk, pair_filter, keep_text))))
+            pending.append((chunk, self.pool.apply_async(_worker_encode, (chunk, pair_filter, keep_text,
+                                                                          sampling))))
             if len(pending) >= self.workers * IN_FLIGHT_PER_WORKER:
                 chunk, result = pending.popleft()
                 yield chunk, result.get()
@@ -398,9 +427,13 @@ def _tokenizers(cfg: Config, train_files: tuple[Path, Path], n_train: int, out_d
 
 
 def _binarize_split(split: str, files: tuple[Path, Path], n_pairs: int, encoder: _Encoder, out_dir: Path,
-                    pair_filter: PairFilter | None, keep_text: bool, shard_size: int, quiet: bool) -> dict[str, Any]:
-    """Encode one split into `out_dir`; returns its statistics."""
+                    pair_filter: PairFilter | None, keep_text: bool, shard_size: int, quiet: bool,
+                    sampling: SamplingConfig | None = None) -> dict[str, Any]:
+    """Encode one split into `out_dir` (and, with `sampling`, its sampled copies); returns its statistics."""
     writers = {side: _SideWriter(out_dir, split, side, shard_size) for side in SIDES}
+    copies = sampling.copies if sampling is not None else 0
+    sampled = [{side: _SideWriter(out_dir, sampled_split(k), side, shard_size) for side in SIDES}
+               for k in range(1, copies + 1)]
     filtered = dict.fromkeys(FILTER_REASONS, 0)
     read = 0
     with contextlib.ExitStack() as stack:
@@ -409,9 +442,13 @@ def _binarize_split(split: str, files: tuple[Path, Path], n_pairs: int, encoder:
         bar = stack.enter_context(tqdm(desc=f"encoding {split}", unit=" pairs", disable=quiet, total=n_pairs,
                                        file=sys.stderr, leave=False))
         chunks = _raw_chunks(files, CHUNK_LINES)
-        for chunk, encoded in encoder.map(chunks, pair_filter, keep_text, n_chunks=-(-n_pairs // CHUNK_LINES)):
+        for chunk, encoded in encoder.map(chunks, pair_filter, keep_text, n_chunks=-(-n_pairs // CHUNK_LINES),
+                                          sampling=sampling):
             for reason, count in encoded.filtered.items():
                 filtered[reason] += count
+            for copy_writers, sample in zip(sampled, encoded.samples, strict=True):
+                for side in SIDES:
+                    copy_writers[side].add(*sample[side])
             for side in SIDES:
                 writers[side].add(encoded.flat[side], encoded.lengths[side])
                 if keep_text:
@@ -426,6 +463,10 @@ def _binarize_split(split: str, files: tuple[Path, Path], n_pairs: int, encoder:
         side_stats = writers[side].finish()
         stats["shards"] = side_stats.pop("shards")
         stats.update({f"{side}_{key}": value for key, value in side_stats.items()})
+    if copies:
+        stats["sampled"] = {"copies": copies, "alpha": sampling.alpha}
+        for side in SIDES:
+            stats["sampled"][f"{side}_tokens"] = [copy_writers[side].finish()["tokens"] for copy_writers in sampled]
     return stats
 
 
@@ -471,9 +512,10 @@ def preprocess(cfg: Config, force: bool = False, quiet: bool = False) -> dict[st
         tokenizers, origin = _tokenizers(cfg, files["train"], counts["train"], tmp, say)
         pair_filter = PairFilter(data.max_len, data.max_len_ratio)
         with _Encoder(tokenizers, data.workers or default_workers()) as encoder:
+            sampling = data.sampling if data.sampling.copies else None
             splits = {split: _binarize_split(split, split_files, counts[split], encoder, tmp,
                                              pair_filter if split == "train" else None, split != "train",
-                                             data.shard_size, quiet)
+                                             data.shard_size, quiet, sampling if split == "train" else None)
                       for split, split_files in files.items()}
         if splits["train"]["pairs"] == 0:
             raise NmtError(f"{files['train'][0]}: no training pairs left after filtering out pairs with "
@@ -485,7 +527,9 @@ def preprocess(cfg: Config, force: bool = False, quiet: bool = False) -> dict[st
         raise NmtError(f"{out}: cannot write the data directory ({e.strerror or e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    say(f"wrote {out}: " + ", ".join(f"{split} {s['pairs']:,} pairs" for split, s in splits.items()))
+    copies = f" (+{data.sampling.copies} sampled segmentations)" if data.sampling.copies else ""
+    say(f"wrote {out}: " + ", ".join(f"{split} {s['pairs']:,} pairs{copies if split == 'train' else ''}"
+                                     for split, s in splits.items()))
     return stats
 
 

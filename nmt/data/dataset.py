@@ -6,6 +6,8 @@ Layout (written by nmt/data/binarize.py):
     {split}.{side}.offsets.npy            int64, n+1 entries: sentence i is ids[offsets[i]:offsets[i+1]]
     {split}.{side}.txt                    raw lines (valid/test only: BLEU sources and references)
     stats.json                            counts, filters, vocabularies, the data config
+    train-sampled{k}.{side}.*             with data.sampling.copies: copy k of the training pairs, segmented
+                                          with subword sampling (same pairs, same order, same files as train)
 
 A split of more than data.shard_size sentences is written in shards instead, each an ids/offsets pair
 of its own for consecutive sentences: {split}.{side}.00000.ids.npy, {split}.{side}.00000.offsets.npy,
@@ -16,6 +18,7 @@ sentences of one batch.
 
 from __future__ import annotations
 
+import json
 import mmap
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,11 @@ def offsets_file(split: str, side: str, shard: int | None = None) -> str:
 
 def text_file(split: str, side: str) -> str:
     return f"{split}.{side}.txt"
+
+
+def sampled_split(copy: int) -> str:
+    """The name of the training data's sampled segmentation `copy` (1-based; data.sampling.copies)."""
+    return f"train-sampled{copy}"
 
 
 def check_data_dir(data_dir: str | Path) -> Path:
@@ -256,6 +264,23 @@ class ParallelData:
     def source_ids(self, i: int) -> list[int]:
         """The encoder input of pair `i`, exactly as `encode_source` builds it for new text."""
         return with_source_end(self._src[i])
+
+
+def open_training_data(data_dir: str | Path) -> list[ParallelData]:
+    """The training pairs in each segmentation the data directory holds: the plain one, then the sampled
+    copies `nmt preprocess` wrote for data.sampling (the same pairs in the same order, segmented anew)."""
+    data_dir = check_data_dir(data_dir)
+    try:
+        stats = json.loads((data_dir / STATS_FILE).read_text(encoding="utf-8"))
+        copies = int(stats["splits"]["train"].get("sampled", {}).get("copies", 0))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise NmtError(f"{data_dir / STATS_FILE}: unreadable statistics ({e}; corrupt data directory)") from None
+    plain = ParallelData.open(data_dir, "train")
+    sampled = [ParallelData.open(data_dir, sampled_split(k)) for k in range(1, copies + 1)]
+    for data in sampled:
+        if len(data) != len(plain):
+            raise NmtError(f"{data.name}: {len(data)} pairs where train has {len(plain)} (corrupt data directory)")
+    return [plain, *sampled]
 
 
 def read_text(data_dir: str | Path, split: str, side: str) -> list[str]:

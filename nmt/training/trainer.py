@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from nmt.config import Config, dump_config, to_dict
 from nmt.data.batching import collate, token_batches
-from nmt.data.dataset import ParallelData, read_text
+from nmt.data.dataset import ParallelData, open_training_data, read_text
 from nmt.data.tokenizer import Tokenizer
 from nmt.device import resolve_device
 from nmt.errors import NmtError
@@ -104,7 +104,9 @@ class Trainer:
         self.data_dir = Path(cfg.data.dir)
         if not cfg.train.run_dir:
             raise NmtError("train.run_dir: required key is missing")
-        self.train_data = ParallelData.open(self.data_dir, "train")
+        # the plain segmentation, then any sampled ones (data.sampling): epoch e reads number e % their count
+        self.train_sets = open_training_data(self.data_dir)
+        self.train_data = self.train_sets[0]
         self.valid_data = ParallelData.open(self.data_dir, "valid")
         self.valid_refs = read_text(self.data_dir, "valid", "tgt")
         self.src_tok = Tokenizer.load(self.data_dir / "spm.src.model")
@@ -413,6 +415,7 @@ class Trainer:
             f"{processes}; effective batch {cfg.batch_tokens} tokens x {world} rank{'s' * (world > 1)} "
             f"x update_freq {cfg.update_freq} = {cfg.batch_tokens * world * cfg.update_freq:,} tokens; "
             f"{len(self.train_data):,} training pairs"
+            + (f" in {len(self.train_sets)} segmentations, one per epoch" if len(self.train_sets) > 1 else "")
         )
 
     def train(self) -> dict[str, Any]:
@@ -426,14 +429,14 @@ class Trainer:
         stop_reason = self._limits_reached()
         bar = tqdm(total=cfg.max_steps or None, initial=self.state.step, disable=self.quiet, unit="step",
                    dynamic_ncols=True, file=sys.stderr)
-        lengths = self.train_data.src_lengths, self.train_data.tgt_lengths
         window = {"loss": 0.0, "nll": 0.0, "tgt": 0, "src": 0, "updates": 0, "seconds": 0.0}
         validated_at = self.state.step
         rank, world = self.dist.rank, self.dist.world_size
         with _StopRequest() as stop:
             while stop_reason is None:
-                batches = token_batches(*lengths, cfg.batch_tokens, seed=cfg.seed, epoch=self.state.epoch,
-                                        rank=rank, world_size=world, even=True)
+                data = self.train_sets[self.state.epoch % len(self.train_sets)]
+                batches = token_batches(data.src_lengths, data.tgt_lengths, cfg.batch_tokens, seed=cfg.seed,
+                                        epoch=self.state.epoch, rank=rank, world_size=world, even=True)
                 if not batches:
                     raise self._collective_error(
                         f"{self.data_dir}: the training data makes fewer batches of train.batch_tokens="
@@ -442,7 +445,7 @@ class Trainer:
                 while self.state.batch_in_epoch < len(batches) and stop_reason is None:
                     t0 = time.perf_counter()
                     chunk = batches[self.state.batch_in_epoch: self.state.batch_in_epoch + cfg.update_freq]
-                    loss, nll, n_tgt, n_src = self._update([collate(self.train_data, idx) for idx in chunk])
+                    loss, nll, n_tgt, n_src = self._update([collate(data, idx) for idx in chunk])
                     self.state.batch_in_epoch += len(chunk)
                     self.state.step += 1
                     seconds = time.perf_counter() - t0
