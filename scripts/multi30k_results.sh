@@ -4,8 +4,8 @@
 #   scripts/multi30k_results.sh [--no-average] [--beam N] [--lenpen F] [--update-docs] [RUN_DIR ...]
 #
 # RUN_DIRs default to every runs/multi30k/* holding a best.pt. For each run:
-#   1. unless --no-average, `nmt average --last 3` writes RUN/averaged.pt (when the run kept 3 periodic
-#      checkpoints, train.keep_last: 3);
+#   1. unless --no-average, `nmt average --last N` writes RUN/averaged.pt, N = the run's train.keep_last
+#      (when N >= 2 and the run kept N periodic checkpoints);
 #   2. `nmt evaluate -m CKPT --src TEST.SRC --ref TEST.TGT --beam 5 --metrics bleu,chrf --json` scores
 #      best.pt (and averaged.pt) on the run's data.test corpus; the JSON is kept as
 #      RUN/test.best.json / RUN/test.averaged.json and reused while it is newer than its checkpoint
@@ -72,6 +72,12 @@ print(" ".join(found))
 EOF
 }
 
+# How many periodic checkpoints the run kept (train.keep_last of RUN/config.yaml): the number to average.
+keep_last() {
+    "$py" -c 'import sys, yaml; print(int(yaml.safe_load(open(sys.argv[1], encoding="utf-8"))["train"].get("keep_last") or 0))' \
+        "$1/config.yaml"
+}
+
 for run in "${runs[@]}"; do
     [[ -f "$run/best.pt" ]] || die "$run: no best.pt (not a trained run)"
     [[ -f "$run/config.yaml" ]] || die "$run: no config.yaml (not a run directory)"
@@ -80,15 +86,16 @@ for run in "${runs[@]}"; do
     ckpts=(best)
     if [[ $average -eq 1 ]]; then
         n_periodic=$(find "$run" -maxdepth 1 -name 'ckpt_step*.pt' | wc -l)
-        if [[ $n_periodic -ge 3 ]]; then
+        n_average=$(keep_last "$run")
+        if [[ $n_average -ge 2 && $n_periodic -ge $n_average ]]; then
             newest=$(find "$run" -maxdepth 1 -name 'ckpt_step*.pt' | sort | tail -1)
             if [[ ! -f "$run/averaged.pt" || "$newest" -nt "$run/averaged.pt" ]]; then
-                echo "$(basename "$run"): averaging the last 3 checkpoints" >&2
-                nmt average --last 3 --run-dir "$run" -o "$run/averaged.pt"
+                echo "$(basename "$run"): averaging the last $n_average checkpoints" >&2
+                nmt average --last "$n_average" --run-dir "$run" -o "$run/averaged.pt"
             fi
             ckpts+=(averaged)
         else
-            echo "$(basename "$run"): only $n_periodic periodic checkpoints, not averaging" >&2
+            echo "$(basename "$run"): $n_periodic periodic checkpoints (train.keep_last: $n_average), not averaging" >&2
         fi
     fi
     for name in "${ckpts[@]}"; do
@@ -159,7 +166,8 @@ for run in runs:
         wall = (run / "last.pt").stat().st_mtime - (run / "config.yaml").stat().st_mtime
         wall = wall if wall > 0 else None  # a copied run directory loses its times
     params = parameters(run / "best.pt")
-    for name, label in (("best", "best.pt"), ("averaged", "avg. last 3")):
+    averaged = f"avg. last {config['train'].get('keep_last') or 0}"
+    for name, label in (("best", "best.pt"), ("averaged", averaged)):
         result_file = run / f"test.{name}.json"
         if not result_file.exists() or name == "averaged" and not (average and (run / "averaged.pt").exists()):
             continue
