@@ -497,8 +497,10 @@ def test_ctrl_c_during_translate_leaves_the_old_output_untouched(tiny_run, tmp_p
     out = tmp_path / "out.txt"
     out.write_text("the previous translation\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # SIG_DFL in the child: a shell's background job (`make test &`) starts with SIGINT ignored, and so would it
     proc = subprocess.Popen([sys.executable, "-m", "nmt", "translate", "-m", str(tiny_run["run"]), "-i", str(src),
-                             "-o", str(out), "--batch-size", "1"], stderr=subprocess.PIPE, env=env)
+                             "-o", str(out), "--batch-size", "1"], stderr=subprocess.PIPE, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stderr.readline().startswith(b"warning: line 1:")  # inputs read and encoded: decoding now
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
