@@ -200,9 +200,18 @@ def _raw_chunks(files: tuple[Path, Path], size: int) -> Iterator[_Chunk]:
 Flat = tuple[np.ndarray, np.ndarray]  # the concatenated ids of some sentences, and their lengths
 
 
-def _flatten(sentences: list[list[int]]) -> Flat:
-    lengths = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
-    return np.fromiter(itertools.chain.from_iterable(sentences), dtype=np.int32, count=int(lengths.sum())), lengths
+def _lengths(sentences: list[list[int]]) -> np.ndarray:
+    return np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
+
+
+def _flatten(sentences: list[list[int]], lengths: np.ndarray) -> np.ndarray:
+    """The concatenated ids of `sentences`, whose `lengths` are known."""
+    return np.fromiter(itertools.chain.from_iterable(sentences), dtype=np.int32, count=int(lengths.sum()))
+
+
+def _flat(sentences: list[list[int]]) -> Flat:
+    lengths = _lengths(sentences)
+    return _flatten(sentences, lengths), lengths
 
 
 @dataclass
@@ -234,7 +243,7 @@ def _encode_chunk(tokenizers: dict[str, Tokenizer], chunk: _Chunk, pair_filter: 
     texts = {side: [decode_line(raw, chunk.names[k], chunk.first + i) for i, raw in enumerate(chunk.raw[k])]
              for k, side in enumerate(SIDES)}
     encoded = {side: tokenizers[side].sp.encode(texts[side], num_threads=threads) for side in SIDES}
-    lengths = {side: np.fromiter(map(len, encoded[side]), dtype=np.int64, count=len(chunk)) for side in SIDES}
+    lengths = {side: _lengths(encoded[side]) for side in SIDES}
     keep, filtered = None, {}
     if pair_filter is not None:
         codes = pair_filter.codes(lengths["src"], lengths["tgt"])
@@ -247,10 +256,11 @@ def _encode_chunk(tokenizers: dict[str, Tokenizer], chunk: _Chunk, pair_filter: 
         if keep is not None:
             encoded[side] = [encoded[side][i] for i in keep]
             texts[side] = [texts[side][i] for i in keep]
-        flat[side], lengths[side] = _flatten(encoded[side])
+            lengths[side] = lengths[side][keep]
+        flat[side] = _flatten(encoded[side], lengths[side])
     samples = []  # the filter's decisions hold for every copy: it judged the plain segmentation
     for copy in range(1, (sampling.copies if sampling is not None else 0) + 1):
-        samples.append({side: _flatten(_sample(tokenizers[side], texts[side], sampling.alpha,
+        samples.append({side: _flat(_sample(tokenizers[side], texts[side], sampling.alpha,
                                                _sampling_seed(chunk.first, copy, k)))
                         for k, side in enumerate(SIDES)})
     return _Encoded(flat, lengths, filtered, texts if keep_text else None, samples)
@@ -512,10 +522,9 @@ def preprocess(cfg: Config, force: bool = False, quiet: bool = False) -> dict[st
         tokenizers, origin = _tokenizers(cfg, files["train"], counts["train"], tmp, say)
         pair_filter = PairFilter(data.max_len, data.max_len_ratio)
         with _Encoder(tokenizers, data.workers or default_workers()) as encoder:
-            sampling = data.sampling if data.sampling.copies else None
             splits = {split: _binarize_split(split, split_files, counts[split], encoder, tmp,
                                              pair_filter if split == "train" else None, split != "train",
-                                             data.shard_size, quiet, sampling if split == "train" else None)
+                                             data.shard_size, quiet, data.sampling if split == "train" else None)
                       for split, split_files in files.items()}
         if splits["train"]["pairs"] == 0:
             raise NmtError(f"{files['train'][0]}: no training pairs left after filtering out pairs with "
@@ -527,8 +536,8 @@ def preprocess(cfg: Config, force: bool = False, quiet: bool = False) -> dict[st
         raise NmtError(f"{out}: cannot write the data directory ({e.strerror or e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    copies = f" (+{data.sampling.copies} sampled segmentations)" if data.sampling.copies else ""
-    say(f"wrote {out}: " + ", ".join(f"{split} {s['pairs']:,} pairs{copies if split == 'train' else ''}"
+    sampled = f" (+{data.sampling.copies} sampled segmentations)" if data.sampling.copies else ""
+    say(f"wrote {out}: " + ", ".join(f"{split} {s['pairs']:,} pairs{sampled if split == 'train' else ''}"
                                      for split, s in splits.items()))
     return stats
 

@@ -106,7 +106,6 @@ class Trainer:
             raise NmtError("train.run_dir: required key is missing")
         # the plain segmentation, then any sampled ones (data.sampling): epoch e reads number e % their count
         self.train_sets = open_training_data(self.data_dir)
-        self.train_data = self.train_sets[0]
         self.valid_data = ParallelData.open(self.data_dir, "valid")
         self.valid_refs = read_text(self.data_dir, "valid", "tgt")
         self.src_tok = Tokenizer.load(self.data_dir / "spm.src.model")
@@ -414,7 +413,7 @@ class Trainer:
             f"model: {counts['total']:,} parameters ({parts}); device {self.device}, precision {self.precision}; "
             f"{processes}; effective batch {cfg.batch_tokens} tokens x {world} rank{'s' * (world > 1)} "
             f"x update_freq {cfg.update_freq} = {cfg.batch_tokens * world * cfg.update_freq:,} tokens; "
-            f"{len(self.train_data):,} training pairs"
+            f"{len(self.train_sets[0]):,} training pairs"
             + (f" in {len(self.train_sets)} segmentations, one per epoch" if len(self.train_sets) > 1 else "")
         )
 
