@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training-speed benchmark: a fixed number of updates of the library's Trainer on Multi30k en-de.
 
-    .venv/bin/python scripts/bench_train.py configs/multi30k/transformer_en_de.yaml --steps 60 --precision bf16
+    .venv/bin/python scripts/bench_train.py configs/multi30k/transformer_d256_en_de.yaml --steps 60 --precision bf16
 
 1. Preprocesses Multi30k en->de (train / val / test_2016_flickr from --data, plain or .gz) with one joint
    8k BPE SentencePiece model, like the JoeyNMT harness (../shared/bench/joeynmt), into a cache directory

@@ -113,4 +113,5 @@ def test_module_is_a_drop_in_replacement():
     assert torch.equal(module.eval()(x), x)
     y = module.train()(x)
     values = y.unique().tolist()
-    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / 0.7, rel=2e-3)  # p = 0.3 rounded to 77/256
+    # p = 0.3 is rounded to 77/256
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / 0.7, rel=2e-3)
