@@ -198,6 +198,13 @@ def test_load_accepts_a_checkpoint_file_and_falls_back_to_last(run_dir, tokenize
         Translator.load(empty)
     with pytest.raises(NmtError, match="model not found"):
         Translator.load(tmp_path / "nowhere")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(run_dir / "best.pt", elsewhere / "averaged.pt")  # e.g. `nmt average -o` outside the run
+    with pytest.raises(NmtError) as error:
+        Translator.load(elsewhere / "averaged.pt")
+    assert str(error.value) == f"{elsewhere / 'spm.src.model'}: SentencePiece model not found (a checkpoint's " \
+                               "tokenizers are read from its own directory: keep it in its run directory)"
 
 
 def test_load_rejects_a_sentencepiece_model_of_another_vocabulary(tokenizers, tmp_path):
