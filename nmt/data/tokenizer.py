@@ -40,13 +40,14 @@ class Tokenizer:
         self._special = frozenset(SPECIAL_IDS.values()) - {UNK_ID}
 
     @classmethod
-    def load(cls, path: str | Path, key: str | None = None) -> Tokenizer:
-        """Read a model file and check its special ids; `key` (a config key) prefixes errors."""
+    def load(cls, path: str | Path, key: str | None = None, missing_hint: str = "") -> Tokenizer:
+        """Read a model file and check its special ids; `key` (a config key) prefixes errors and
+        `missing_hint` is added to the error for a missing file (where the caller looked, and why)."""
         where = f"{key}: {path}" if key else str(path)
         try:
             data = Path(path).read_bytes()
         except FileNotFoundError:
-            raise NmtError(f"{where}: SentencePiece model not found") from None
+            raise NmtError(f"{where}: SentencePiece model not found{missing_hint}") from None
         except OSError as e:
             raise NmtError(f"{where}: cannot read ({e.strerror})") from None
         tokenizer = cls(data, where)

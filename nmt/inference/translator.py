@@ -185,10 +185,8 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def _matching_tokenizer(path: Path, fingerprint: str | None) -> Tokenizer:
-    if not path.exists():
-        raise NmtError(f"{path}: SentencePiece model not found (a checkpoint's tokenizers are read from "
-                       "its own directory: keep it in its run directory)")
-    tokenizer = Tokenizer.load(path)
+    tokenizer = Tokenizer.load(path, missing_hint=" (a checkpoint's tokenizers are read from its own "
+                                                  "directory: keep it in its run directory)")
     if tokenizer.fingerprint != fingerprint:
         raise NmtError(f"{path}: SentencePiece model does not match the checkpoint's vocabulary")
     return tokenizer

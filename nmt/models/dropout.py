@@ -18,6 +18,7 @@ torch's default CPU generator: `torch.manual_seed` makes them reproducible and c
 resume them. On other devices (and in eval mode, or with p = 0) these functions are torch's own
 dropout (or the identity).
 """
+
 from __future__ import annotations
 
 import torch
