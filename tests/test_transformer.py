@@ -370,3 +370,22 @@ def test_recipes_load_and_build(recipe):
     model = zoo.build_model(cfg.model, 1000, 1000)
     src, tgt = batch(1000)
     assert model(src, tgt).shape == (3, 5, 1000)
+
+
+def test_residual_stream_is_in_the_autocast_dtype_and_close_to_fp32():
+    """Under bf16 autocast the encoder and decoder states are bf16 end to end (no fp32 copies of the
+    residual stream), and stay within bf16 rounding of the fp32 computation."""
+    torch.manual_seed(0)
+    enc, dec = encoder(input_size=12).eval(), decoder(input_size=12).eval()
+    src, tgt, mask = torch.randn(2, 5, 12), torch.randn(2, 4, 12), lengths_mask([5, 3], 5)
+
+    def run():
+        memory = enc(src, mask)
+        return memory.memory, dec(tgt, memory, dec.init_state(memory))[0]
+
+    ref_memory, ref_out = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        memory, out = run()
+    assert memory.dtype == out.dtype == torch.bfloat16
+    torch.testing.assert_close(memory.float(), ref_memory, atol=0.1, rtol=0)
+    torch.testing.assert_close(out.float(), ref_out, atol=0.1, rtol=0)
