@@ -217,6 +217,9 @@ def main() -> None:
     Typer's standalone mode handles usage errors (exit 2), --help and Ctrl-C itself; everything the
     library reports as an NmtError is printed as one line here, without a traceback.
     """
+    from nmt.allocator import tune_allocator
+
+    tune_allocator()
     try:
         app()
     except NmtError as e:

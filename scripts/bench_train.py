@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from nmt.allocator import tune_allocator  # noqa: E402
 from nmt.config import load_config  # noqa: E402
 from nmt.vocab import PAD_ID  # noqa: E402
 
@@ -244,8 +245,11 @@ def main(argv: list[str] | None = None) -> None:
                              "those updates are slower)")
     parser.add_argument("--profile-rows", type=int, default=30)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--malloc-defaults", action="store_true",
+                        help="keep glibc's malloc settings (nmt's CLI tunes them: nmt/allocator.py)")
     args = parser.parse_args(argv)
-    result = run(args)
+    tuned = not args.malloc_defaults and tune_allocator()
+    result = {**run(args), "allocator_tuned": tuned}
     print(json.dumps(result))
     print(f"[bench_train] {result['precision']} {result['timed_steps']} steps: "
           f"{result['tgt_tokens_per_s']:.0f} tgt tok/s, {result['src_tgt_tokens_per_s']:.0f} src+tgt tok/s, "

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from nmt.allocator import tune_allocator  # noqa: E402
 from nmt.data.corpus import read_lines  # noqa: E402
 from nmt.evaluation import score  # noqa: E402
 from nmt.inference.numerics import QUANTIZE_CHOICES, decoding_model  # noqa: E402
@@ -169,12 +170,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="as nmt translate --precision: bf16 = a bf16-weights copy of the model")
     parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES, help="as nmt translate --quantize")
     parser.add_argument("--warmup", type=int, default=1, help="decode one batch first (not timed); 0 = off")
+    parser.add_argument("--malloc-defaults", action="store_true",
+                        help="keep glibc's malloc settings (nmt's CLI tunes them: nmt/allocator.py)")
     args = parser.parse_args(argv)
     if args.ref is None:
         name = args.src.name.replace(".en", ".de", 1)
         candidate = args.src.with_name(name)
         args.ref = candidate if candidate != args.src and candidate.exists() else None
-    print(json.dumps(run(args)))
+    tuned = not args.malloc_defaults and tune_allocator()
+    print(json.dumps({**run(args), "allocator_tuned": tuned}))
 
 
 if __name__ == "__main__":
