@@ -5,8 +5,8 @@ it back with munmap when freed, and trims the top of the heap when more than twi
 training or decoding step allocates and frees the same large activations every time, so each step then
 takes fresh pages from the kernel, which zeroes them and faults them in one by one. With the threshold
 at glibc's maximum (32 MiB) and trimming only beyond 256 MiB free, the blocks are reused instead:
-measured on the 2-core CPU (docs/benchmarks.md), +3% training tokens/s and +13% beam-5 decoding
-sentences/s, with the same peak memory.
+measured on the 2-core CPU (docs/benchmarks.md), +2.5% training tokens/s and +5-10% beam-5 decoding
+sentences/s, for 5% more peak memory in training.
 """
 
 from __future__ import annotations
