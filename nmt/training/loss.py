@@ -188,51 +188,62 @@ class _OutputLayerCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor | None, grad_nll: torch.Tensor | None) -> tuple[Any, ...]:
+        # Per real row, d/dz = s * softmax(z) - c - t * onehot(y) with the scalars s = grad_loss + grad_nll,
+        # c = grad_loss * eps / V, t = grad_loss * (1 - eps) + grad_nll; written m * (p - k * onehot(y)) - c
+        # (m = s, p = softmax(z), k = t / m; m = 1 and p = 0 when s = 0). Only p - k * onehot(y) goes through
+        # [rows, V]: one softmax kernel in the logits' dtype, target entries recomputed in fp32 from the
+        # forward's log-sum-exp, padding rows zeroed; m and c are applied to the [rows, H] and [V, H] results.
         h, w, b, lse, safe_target, keep = ctx.saved_tensors
         eps, vocab = ctx.smoothing, w.size(0)
         hidden_type, weight_type, bias_type = ctx.types
-        zero = torch.zeros((), device=h.device)
-        g_loss = zero if grad_loss is None else grad_loss.float()
-        g_nll = zero if grad_nll is None else grad_nll.float()
-        real = keep.float().unsqueeze(1)  # see _SmoothedCrossEntropy.backward
-        scale = real * (g_loss + g_nll)
-        uniform_part = real * (g_loss * eps / vocab)
-        target_part = real * (g_loss * (1.0 - eps) + g_nll)
+        g_loss = 0.0 if grad_loss is None else float(grad_loss)
+        g_nll = 0.0 if grad_nll is None else float(grad_nll)
+        s = g_loss + g_nll
+        m = s if s != 0.0 else 1.0
+        k, c = (g_loss * (1.0 - eps) + g_nll) / m, g_loss * eps / vocab
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         rows_total = h.size(0)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=w.device) if need_b and b is not None else None
         # The weight gradient sum_rows g^T h is taken over WEIGHT_GRAD_BLOCKS blocks at once (the blocks'
-        # g staged in `staged`): fewer fp32 accumulations of [V, H] and longer matmul reductions.
+        # rows staged in `staged`): fewer fp32 accumulations of [V, H] and longer matmul reductions.
         blocks = _fused_blocks(rows_total, h.device)
         group = WEIGHT_GRAD_BLOCKS if h.device.type == "cpu" else 1
-        staged = None
-        if grad_w is not None and len(blocks) > 1:
-            staged = torch.empty(min(rows_total, group * (blocks[0].stop - blocks[0].start)), vocab,
-                                 dtype=h.dtype, device=h.device)
+        staged = torch.empty(min(rows_total, group * (blocks[0].stop - blocks[0].start)), vocab,
+                             dtype=h.dtype, device=h.device)
+        padding = ~keep
         group_start = 0
         for i, rows in enumerate(blocks):
-            z = _block_logits(h[rows], w, b).float()
-            g = z.sub_(lse[rows].unsqueeze(1)).exp_().mul_(scale[rows]).sub_(uniform_part[rows])
-            g.scatter_add_(1, safe_target[rows], -target_part[rows])
-            if grad_b is not None:
-                grad_b += g.sum(0)
-            if staged is None:
-                g = g.to(h.dtype)
-            else:
-                offset = rows.start - group_start
-                g = staged[offset: offset + g.size(0)].copy_(g)
+            z = _block_logits(h[rows], w, b)
+            offset = rows.start - group_start
+            p = staged[offset: offset + z.size(0)]
+            torch._softmax(z, -1, False, out=p)
+            index = (torch.arange(z.size(0), device=z.device), safe_target[rows, 0])
+            p_target = (z[index].float() - lse[rows]).exp_()
+            if s == 0.0:
+                p.zero_()
+                p_target.zero_()
+            p.index_put_(index, p_target.sub_(k).to(p.dtype))
+            pad_rows = padding[rows].nonzero().squeeze(1)
+            if pad_rows.numel():
+                p.index_fill_(0, pad_rows, 0.0)
             if grad_h is not None:
-                torch.mm(g, w, out=grad_h[rows])
-            if grad_w is not None:
-                last = i == len(blocks) - 1 or (i + 1) % group == 0
-                if staged is None:
-                    grad_w += torch.mm(g.t(), h[rows]).float()
-                elif last:
-                    end = min(rows.stop, rows_total)
-                    grad_w += torch.mm(staged[: end - group_start].t(), h[group_start:end]).float()
-                    group_start = end
-        return (None if grad_h is None else grad_h.to(hidden_type),
-                None if grad_w is None else grad_w.to(weight_type),
-                None if grad_b is None else grad_b.to(bias_type), None, None, None, None)
+                torch.mm(p, w, out=grad_h[rows])
+            if grad_b is not None:
+                grad_b += p.sum(0, dtype=torch.float32)
+            last = i == len(blocks) - 1 or (i + 1) % group == 0
+            if grad_w is not None and last:
+                end = min(rows.stop, rows_total)
+                grad_w += torch.mm(staged[: end - group_start].t(), h[group_start:end]).float()
+                group_start = end
+            elif last:
+                group_start = min(rows.stop, rows_total)
+        real = keep.to(torch.float32).unsqueeze(1)
+        if grad_h is not None:
+            grad_h = (grad_h.float().mul_(m) - c * w.float().sum(0)).mul_(real).to(hidden_type)
+        if grad_w is not None:
+            grad_w = grad_w.mul_(m).sub_(c * (h.float() * real).sum(0)).to(weight_type)
+        if grad_b is not None:
+            grad_b = grad_b.mul_(m).sub_(c * float(keep.sum())).to(bias_type)
+        return grad_h, grad_w, grad_b, None, None, None, None
