@@ -193,6 +193,16 @@ def test_fused_output_layer_loss_equals_linear_then_loss(eps, bias, fused_blocks
         torch.testing.assert_close(ours, param.grad)
 
 
+def test_fused_loss_with_a_frozen_output_layer_gives_the_hidden_gradient_only(fused_blocks):
+    layer, h, target = output_batch()
+    layer.requires_grad_(False)
+    ours_h, ref_h = h.clone().requires_grad_(), h.clone().requires_grad_()
+    loss_module.output_label_smoothed_nll(ours_h, layer.weight, layer.bias, target, 0.1)[0].backward()
+    label_smoothed_nll(layer(ref_h), target, 0.1)[0].backward()
+    torch.testing.assert_close(ours_h.grad, ref_h.grad)
+    assert layer.weight.grad is None and layer.bias.grad is None
+
+
 def test_fused_loss_accepts_batched_hidden_and_tied_weights(fused_blocks):
     embedding = torch.nn.Embedding(29, 12)
     _, h, target = output_batch(rows=36)

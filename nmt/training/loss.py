@@ -116,7 +116,7 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
 
 # Rows per block of the fused output layer + loss. At 256 x 8000 a bf16 matmul of 512-1024 rows runs at
 # 5x the speed of one [4000 x 256] x [256 x 8000] matmul on these CPUs (1.3 vs 0.26 TFLOP/s per core),
-# and a [512, 8000] fp32 block is the largest temporary.
+# and the forward's [256, 8000] fp32 log-probabilities are the largest temporary.
 FUSED_BLOCK_ROWS = 256
 WEIGHT_GRAD_BLOCKS = 4  # row blocks per matmul of the weight gradient (CPU)
 
