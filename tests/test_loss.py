@@ -193,6 +193,22 @@ def test_fused_output_layer_loss_equals_linear_then_loss(eps, bias, fused_blocks
         torch.testing.assert_close(ours, param.grad)
 
 
+def test_fused_loss_gradients_when_the_softmax_terms_cancel(fused_blocks):
+    """d(loss - nll): the softmax terms of the two cancel (grad_loss + grad_nll = 0), leaving the
+    label-smoothing and target terms, which the backward handles as a special case."""
+    layer, h, target = output_batch()
+    ours_h, ref_h = h.clone().requires_grad_(), h.clone().requires_grad_()
+    loss, nll, _ = loss_module.output_label_smoothed_nll(ours_h, layer.weight, layer.bias, target, 0.1)
+    (loss - nll).backward()
+    ours_grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    ref_loss, ref_nll, _ = label_smoothed_nll(layer(ref_h), target, 0.1)
+    (ref_loss - ref_nll).backward()
+    torch.testing.assert_close(ours_h.grad, ref_h.grad)
+    for ours, param in zip(ours_grads, layer.parameters(), strict=True):
+        torch.testing.assert_close(ours, param.grad)
+
+
 def test_fused_loss_with_a_frozen_output_layer_gives_the_hidden_gradient_only(fused_blocks):
     layer, h, target = output_batch()
     layer.requires_grad_(False)

@@ -232,13 +232,11 @@ class _OutputLayerCrossEntropy(torch.autograd.Function):
                 torch.mm(p, w, out=grad_h[rows])
             if grad_b is not None:
                 grad_b += p.sum(0, dtype=torch.float32)
-            last = i == len(blocks) - 1 or (i + 1) % group == 0
-            if grad_w is not None and last:
+            if i == len(blocks) - 1 or (i + 1) % group == 0:  # the staged group is complete
                 end = min(rows.stop, rows_total)
-                grad_w += torch.mm(staged[: end - group_start].t(), h[group_start:end]).float()
+                if grad_w is not None:
+                    grad_w += torch.mm(staged[: end - group_start].t(), h[group_start:end]).float()
                 group_start = end
-            elif last:
-                group_start = min(rows.stop, rows_total)
         real = keep.to(torch.float32).unsqueeze(1)
         if grad_h is not None:
             grad_h = (grad_h.float().mul_(m) - c * w.float().sum(0)).mul_(real).to(hidden_type)
