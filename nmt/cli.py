@@ -22,7 +22,7 @@ app = typer.Typer(
 
 DEVICE_HELP = "auto | cpu | cuda"
 PRECISION_HELP = "fp32 | bf16 (faster on CPUs with AMX and on GPUs) | fp16 (CUDA) | auto"
-QUANTIZE_HELP = "none | int8: int8 Linear/LSTM/GRU weights (CPU, fp32; see docs/benchmarks.md)"
+QUANTIZE_HELP = "none | int8: int8 Linear/LSTM/GRU weights (CPU, fp32: --device auto picks the CPU)"
 
 
 @app.command()
@@ -85,11 +85,12 @@ def translate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no warnings or progress"),
 ) -> None:
     """Translate text, one output line per input line, in input order."""
+    from nmt.inference.numerics import decoding_device
     from nmt.inference.translator import Translator, format_output
 
     if nbest > beam:
         raise NmtError(f"--nbest {nbest} cannot exceed --beam {beam}")
-    translator = Translator.load(model, device=device)
+    translator = Translator.load(model, device=decoding_device(device, quantize))
     lines = _read_input(input)
     results = translator.translate(lines, beam=beam, nbest=nbest, lenpen=lenpen, max_len_a=max_len_a,
                                    max_len_b=max_len_b, batch_size=batch_size, quiet=quiet, precision=precision,
@@ -131,9 +132,10 @@ def evaluate(
             raise NmtError(f"{path} has {len(ref_lines)} lines but {scored} has {len(lines)}: each "
                            f"{'source' if model is not None else 'hypothesis'} line needs one reference line")
     if model is not None:
+        from nmt.inference.numerics import decoding_device
         from nmt.inference.translator import Translator
 
-        results = Translator.load(model, device=device).translate(
+        results = Translator.load(model, device=decoding_device(device, quantize)).translate(
             lines, beam=beam, nbest=1, lenpen=lenpen, batch_size=batch_size, quiet=True, precision=precision,
             quantize=quantize)
         hyps = [r[0].text if r else "" for r in results]

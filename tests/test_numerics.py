@@ -8,7 +8,7 @@ from torch import nn
 
 from nmt.config import from_dict
 from nmt.errors import NmtError
-from nmt.inference.numerics import check_quantize, decoding_model
+from nmt.inference.numerics import check_quantize, decoding_device, decoding_model
 from nmt.models.zoo import build_model
 
 LAYER = {"type": "transformer", "layers": 2, "d_model": 32, "heads": 4, "ff_size": 64, "dropout": 0.1}
@@ -64,3 +64,9 @@ def test_quantize_choices_are_checked():
         check_quantize("int8", "bf16", "cpu")
     with pytest.raises(NmtError, match="--quantize int8 runs on the CPU only"):
         check_quantize("int8", "fp32", "cuda")
+
+
+def test_device_auto_decodes_int8_on_the_cpu():
+    assert decoding_device("auto", "int8") == "cpu"
+    assert decoding_device("auto", "none") == "auto"
+    assert decoding_device("cuda", "int8") == "cuda"  # an explicit choice stays, and check_quantize names it

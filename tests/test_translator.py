@@ -106,6 +106,8 @@ def test_format_output_nbest_lines_and_scores():
 
 
 def test_resolve_device(monkeypatch):
+    cudnn_sdp = []
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", cudnn_sdp.append)
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -116,7 +118,9 @@ def test_resolve_device(monkeypatch):
         resolve_device("tpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cudnn_sdp == []
     assert resolve_device("auto") == torch.device("cuda")
+    assert cudnn_sdp == [False]  # cuDNN attention plans every new sequence length: left out on CUDA
     with pytest.raises(NmtError, match="1 CUDA device"):
         resolve_device("cuda:3")
 

@@ -27,6 +27,11 @@ from nmt.training.precision import autocast
 QUANTIZE_CHOICES = ("none", "int8")
 
 
+def decoding_device(device: str, quantize: str) -> str:
+    """`--device` for decoding: 'auto' means the CPU with --quantize int8 (CPU-only), as it does without a GPU."""
+    return "cpu" if quantize == "int8" and device.strip().lower() == "auto" else device
+
+
 def check_quantize(quantize: str, precision: str, device: torch.device | str) -> str:
     """`quantize` if it can run with this precision on this device, else an NmtError naming --quantize."""
     if quantize not in QUANTIZE_CHOICES:
