@@ -71,4 +71,4 @@ fi
 
 [ "${SUITE:-1}" = 1 ] || exit 0
 echo "== test suite"
-timeout "${SUITE_TIMEOUT:-240}" "$PY" -m pytest -q -x -p no:cacheprovider ${PYTEST_ARGS:-} tests 2>&1 | tail -15
+timeout "${SUITE_TIMEOUT:-240}" "$PY" -m pytest -q -x --tb=line -p no:cacheprovider ${PYTEST_ARGS:-} tests 2>&1 | tail -25
