@@ -264,3 +264,31 @@ def test_fused_loss_all_padding_and_invalid_smoothing():
     assert (loss.item(), nll.item(), n) == (0.0, 0.0, 0) and torch.all(x.grad == 0)
     with pytest.raises(ValueError, match="smoothing"):
         loss_module.output_label_smoothed_nll(h, layer.weight, None, torch.ones(37, dtype=torch.long), 1.0)
+
+
+def test_fused_loss_runs_whole_blocks_on_the_cpu(monkeypatch):
+    """37 rows in blocks of 8: padded to 40 (ignored targets), so every matmul has the same shape (oneDNN
+    builds a matmul per new shape); values and gradients as without padding."""
+    monkeypatch.setattr(loss_module, "FUSED_BLOCK_ROWS", 8)
+    block_rows = []
+    block_logits = loss_module._block_logits
+
+    def recording_block_logits(h, w, b):
+        block_rows.append(h.size(0))
+        return block_logits(h, w, b)
+
+    monkeypatch.setattr(loss_module, "_block_logits", recording_block_logits)
+    layer, h, target = output_batch(rows=37)
+    ours_h, ref_h = h.clone().requires_grad_(), h.clone().requires_grad_()
+    loss, nll, n = loss_module.output_label_smoothed_nll(ours_h, layer.weight, layer.bias, target, 0.1)
+    loss.backward()
+    assert block_rows == [8] * 10  # 5 blocks forward, 5 backward
+    ours_grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    ref_loss, _, ref_n = label_smoothed_nll(layer(ref_h), target, 0.1)
+    ref_loss.backward()
+    assert n == ref_n and ours_h.grad.shape == (37, 12)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(ours_h.grad, ref_h.grad)
+    for ours, param in zip(ours_grads, layer.parameters(), strict=True):
+        torch.testing.assert_close(ours, param.grad)

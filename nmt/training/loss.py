@@ -116,7 +116,10 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
 
 # Rows per block of the fused output layer + loss. At 256 x 8000 a bf16 matmul of 512-1024 rows runs at
 # 5x the speed of one [4000 x 256] x [256 x 8000] matmul on these CPUs (1.3 vs 0.26 TFLOP/s per core),
-# and the forward's [256, 8000] fp32 log-probabilities are the largest temporary.
+# and the forward's [256, 8000] fp32 log-probabilities are the largest temporary. On the CPU the rows are
+# padded (as ignored targets) to whole blocks: a partial last block has a new row count in nearly every
+# batch, and oneDNN builds a matmul for every new shape (18-20 ms for the [rows, 8000] x [8000, 256]
+# gradient on a 2-core Sapphire Rapids, more than the padding rows' arithmetic).
 FUSED_BLOCK_ROWS = 256
 WEIGHT_GRAD_BLOCKS = 4  # row blocks per matmul of the weight gradient (CPU)
 
@@ -141,6 +144,10 @@ def output_label_smoothed_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: 
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     flat_hidden = hidden.reshape(-1, hidden.size(-1))
     target = target.reshape(-1)
+    short = -flat_hidden.size(0) % FUSED_BLOCK_ROWS if device_type == "cpu" else 0
+    if short:  # whole blocks only: see FUSED_BLOCK_ROWS
+        flat_hidden = torch.nn.functional.pad(flat_hidden, (0, 0, 0, short))
+        target = torch.nn.functional.pad(target, (0, short), value=ignore_index)
     keep = target != ignore_index
     with torch.autocast(device_type, enabled=False):
         loss, nll = _OutputLayerCrossEntropy.apply(flat_hidden, weight, bias, target, keep, smoothing, dtype)
