@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -292,3 +297,14 @@ def test_fused_loss_runs_whole_blocks_on_the_cpu(monkeypatch):
     torch.testing.assert_close(ours_h.grad, ref_h.grad)
     for ours, param in zip(ours_grads, layer.parameters(), strict=True):
         torch.testing.assert_close(ours, param.grad)
+
+
+def test_the_device_check_script_passes_on_the_cpu():
+    """scripts/cuda_loss_check.py (run by scripts/cuda_smoke.sh on a GPU) compares the same two paths;
+    on the CPU it must pass too, so that a GPU failure points at the device."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "cuda_loss_check.py"
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--no-timing"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(records) == 7 and all(r["ok"] for r in records[:-1]) and records[-1]["failed"] == 0
