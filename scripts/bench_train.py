@@ -56,6 +56,7 @@ import torch  # noqa: E402
 
 from nmt.allocator import tune_allocator  # noqa: E402
 from nmt.config import load_config  # noqa: E402
+from nmt.models import fused_dropout  # noqa: E402
 from nmt.vocab import PAD_ID  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "multi30k"
@@ -250,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     tuned = not args.malloc_defaults and tune_allocator()
     result = {**run(args), "allocator_tuned": tuned}
+    result["fused_dropout"] = "on" if fused_dropout.kernel() else f"off: {fused_dropout.unavailable_reason}"
     print(json.dumps(result))
     print(f"[bench_train] {result['precision']} {result['timed_steps']} steps: "
           f"{result['tgt_tokens_per_s']:.0f} tgt tok/s, {result['src_tgt_tokens_per_s']:.0f} src+tgt tok/s, "

@@ -16,7 +16,8 @@ rounded to the lanes' resolution R: 2^8 when that moves p by at most 2% of p (p 
 1 / (1 - p'), so E[dropout(x)] = x exactly as with `torch.nn.functional.dropout`. Masks come from
 torch's default CPU generator: `torch.manual_seed` makes them reproducible and checkpointed RNG states
 resume them. On other devices (and in eval mode, or with p = 0) these functions are torch's own
-dropout (or the identity).
+dropout (or the identity). For bf16 tensors with 8-bit lanes, `nmt/models/fused_dropout.py` does the
+same in one compiled pass where the machine can build it (same keep rule; other random draws).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nmt.models import fused_dropout
 
 # dtype size in bytes -> the integer dtype of the same size (the mask is built in its bit patterns)
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -73,8 +76,19 @@ def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dty
     # 0 = keep: |u - threshold| < 2^bits); NOT turns it into the keep mask; AND gives 1.0 or 0.0.
     lanes.sub_(threshold).bitwise_right_shift_(bits)
     lanes.bitwise_not_().bitwise_and_(_one_bits(dtype, int_dtype))
+    return lanes.view(dtype).view(shape), _scale(bits, threshold)
+
+
+def _scale(bits: int, threshold: int) -> float:
+    """1 / (1 - p') for the keep rule lane >= threshold over `bits`-bit lanes."""
     resolution = 1 << bits
-    return lanes.view(dtype).view(shape), resolution / (resolution - threshold)
+    return resolution / (resolution - threshold)
+
+
+def _kernel_rule(x: torch.Tensor, residual: torch.Tensor | None, p: float) -> tuple[int, float] | None:
+    """(threshold, scale) for `fused_dropout`'s kernels when they apply to x (and residual), else None."""
+    bits, threshold = _lane_bits_and_threshold(p)
+    return (threshold, _scale(bits, threshold)) if fused_dropout.usable(x, residual, bits) else None
 
 
 def _fast(x: torch.Tensor) -> bool:
@@ -109,6 +123,9 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return x
     if not _fast(x) or p >= 1.0:
         return F.dropout(x, p, training=True)
+    rule = _kernel_rule(x, None, p)
+    if rule:
+        return fused_dropout.fused_dropout(x, None, *rule)
     mask, scale = dropout_mask(x.shape, p, x.dtype, x.device)
     return _MaskedScale.apply(None, x, mask, scale)
 
@@ -126,10 +143,21 @@ def dropout_add(residual: torch.Tensor, x: torch.Tensor, p: float, training: boo
         return residual + x
     if not _fast(x) or p >= 1.0:
         return residual + F.dropout(x, p, training=True)
+    rule = _kernel_rule(x, residual, p)
+    if rule:
+        return fused_dropout.fused_dropout(x, residual, *rule)
     mask, scale = dropout_mask(x.shape, p, x.dtype, x.device)
     if residual.shape != x.shape:
         residual = residual.expand(torch.broadcast_shapes(residual.shape, x.shape))
     return _MaskedScale.apply(residual, x, mask, scale)
+
+
+def relu_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """`dropout(relu(x), p, training)`, one compiled pass for bf16 where `fused_dropout` is usable."""
+    rule = _kernel_rule(x, None, p) if training and 0.0 < p < 1.0 and _fast(x) else None
+    if rule:
+        return fused_dropout.fused_relu_dropout(x, *rule)
+    return dropout(F.relu(x), p, training)
 
 
 class Dropout(nn.Dropout):

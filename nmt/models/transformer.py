@@ -25,7 +25,7 @@ from torch import nn
 
 from nmt.config import Component, opt
 from nmt.errors import NmtError
-from nmt.models.dropout import Dropout, dropout_add
+from nmt.models.dropout import Dropout, dropout_add, relu_dropout
 from nmt.models.interfaces import Decoder, DecoderState, Encoder, EncoderOutput
 from nmt.models.multihead import MultiHeadAttention, check_divisible
 from nmt.models.zoo import register_decoder, register_encoder
@@ -147,6 +147,8 @@ class FeedForward(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation is F.relu:  # one pass for both where the fused kernel applies
+            return self.outer(relu_dropout(self.inner(x), self.dropout.p, self.training))
         return self.outer(self.dropout(self.activation(self.inner(x))))
 
 
