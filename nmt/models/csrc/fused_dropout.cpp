@@ -56,6 +56,26 @@ void check_bf16(const torch::Tensor& t, const char* name) {
 
 }  // namespace
 
+// For each block of 64 elements: keep = keep_of(block); out = (keep ? in * s : 0), then epilogue(lo, hi,
+// offset, count) may change the 32 values of each half before they are stored as bf16.
+template <typename KeepOf, typename Epilogue>
+void scale_kept_blocks(int64_t n, const uint16_t* in, uint16_t* out, __m512 s, KeepOf keep_of, Epilogue epilogue) {
+  at::parallel_for(0, (n + 63) / 64, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const uint64_t keep = keep_of(k);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t off = k * 64 + h * 32, cnt = n - off;
+        if (cnt <= 0) break;
+        __m512 lo, hi;
+        load32(in + off, cnt, lo, hi);
+        scale_where(lo, hi, static_cast<__mmask32>(keep >> (32 * h)), s);
+        epilogue(lo, hi, off, cnt);
+        store32(out + off, cnt, lo, hi);
+      }
+    }
+  });
+}
+
 std::vector<torch::Tensor> forward(torch::Tensor x, c10::optional<torch::Tensor> residual, int64_t threshold,
                                    double scale, int64_t seed) {
   check_bf16(x, "x");
@@ -65,37 +85,25 @@ std::vector<torch::Tensor> forward(torch::Tensor x, c10::optional<torch::Tensor>
   }
   TORCH_CHECK(threshold >= 0 && threshold < 256, "threshold must be in [0, 256)");
   const int64_t n = x.numel();
-  const int64_t blocks = (n + 63) / 64;
   auto out = torch::empty_like(x);
-  auto bits = torch::empty({blocks}, x.options().dtype(torch::kLong));
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  auto bits = torch::empty({(n + 63) / 64}, x.options().dtype(torch::kLong));
   const uint16_t* rp = residual.has_value() ? reinterpret_cast<const uint16_t*>(residual->data_ptr()) : nullptr;
-  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   uint64_t* bp = reinterpret_cast<uint64_t*>(bits.data_ptr());
-  const __m512 s = _mm512_set1_ps(static_cast<float>(scale));
   const __m512i t = _mm512_set1_epi8(static_cast<char>(threshold));
-  at::parallel_for(0, blocks, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      __mmask64 keep = draw_keep(seed, k, t);
-      const int64_t left = n - k * 64;
-      if (left < 64) keep &= (1ULL << left) - 1;
-      bp[k] = keep;
-      for (int h = 0; h < 2; ++h) {
-        const int64_t off = k * 64 + h * 32, cnt = left - h * 32;
-        if (cnt <= 0) break;
-        __m512 lo, hi;
-        load32(xp + off, cnt, lo, hi);
-        scale_where(lo, hi, static_cast<__mmask32>(keep >> (32 * h)), s);
-        if (rp) {
-          __m512 rlo, rhi;
-          load32(rp + off, cnt, rlo, rhi);
-          lo = _mm512_add_ps(rlo, lo);
-          hi = _mm512_add_ps(rhi, hi);
-        }
-        store32(op + off, cnt, lo, hi);
-      }
-    }
-  });
+  auto keep_of = [&](int64_t k) {
+    uint64_t keep = draw_keep(seed, k, t);
+    if (n - k * 64 < 64) keep &= (1ULL << (n - k * 64)) - 1;  // no bits past the end
+    return bp[k] = keep;
+  };
+  auto add_residual = [&](__m512& lo, __m512& hi, int64_t off, int64_t cnt) {
+    if (!rp) return;
+    __m512 rlo, rhi;
+    load32(rp + off, cnt, rlo, rhi);
+    lo = _mm512_add_ps(rlo, lo);
+    hi = _mm512_add_ps(rhi, hi);
+  };
+  scale_kept_blocks(n, reinterpret_cast<const uint16_t*>(x.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr()),
+                    _mm512_set1_ps(static_cast<float>(scale)), keep_of, add_residual);
   return {out, bits};
 }
 
@@ -104,51 +112,26 @@ torch::Tensor backward(torch::Tensor grad, torch::Tensor bits, double scale) {
   const int64_t n = grad.numel();
   TORCH_CHECK(bits.numel() == (n + 63) / 64, "bits do not match grad");
   auto out = torch::empty_like(grad);
-  const uint16_t* gp = reinterpret_cast<const uint16_t*>(grad.data_ptr());
   const uint64_t* bp = reinterpret_cast<const uint64_t*>(bits.data_ptr());
-  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const __m512 s = _mm512_set1_ps(static_cast<float>(scale));
-  at::parallel_for(0, bits.numel(), 256, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const uint64_t keep = bp[k];
-      const int64_t left = n - k * 64;
-      for (int h = 0; h < 2; ++h) {
-        const int64_t off = k * 64 + h * 32, cnt = left - h * 32;
-        if (cnt <= 0) break;
-        __m512 lo, hi;
-        load32(gp + off, cnt, lo, hi);
-        scale_where(lo, hi, static_cast<__mmask32>(keep >> (32 * h)), s);
-        store32(op + off, cnt, lo, hi);
-      }
-    }
-  });
+  scale_kept_blocks(n, reinterpret_cast<const uint16_t*>(grad.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr()),
+                    _mm512_set1_ps(static_cast<float>(scale)), [&](int64_t k) { return bp[k]; },
+                    [](__m512&, __m512&, int64_t, int64_t) {});
   return out;
 }
 
 torch::Tensor relu_forward(torch::Tensor x, int64_t threshold, double scale, int64_t seed) {
   check_bf16(x, "x");
   TORCH_CHECK(threshold >= 0 && threshold < 256, "threshold must be in [0, 256)");
-  const int64_t n = x.numel();
   auto out = torch::empty_like(x);
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const __m512 s = _mm512_set1_ps(static_cast<float>(scale));
-  const __m512 zero = _mm512_setzero_ps();
   const __m512i t = _mm512_set1_epi8(static_cast<char>(threshold));
-  at::parallel_for(0, (n + 63) / 64, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const __mmask64 keep = draw_keep(seed, k, t);
-      const int64_t left = n - k * 64;
-      for (int h = 0; h < 2; ++h) {
-        const int64_t off = k * 64 + h * 32, cnt = left - h * 32;
-        if (cnt <= 0) break;
-        __m512 lo, hi;
-        load32(xp + off, cnt, lo, hi);
-        scale_where(lo, hi, static_cast<__mmask32>(keep >> (32 * h)), s);
-        store32(op + off, cnt, _mm512_max_ps(lo, zero), _mm512_max_ps(hi, zero));
-      }
-    }
-  });
+  const __m512 zero = _mm512_setzero_ps();
+  scale_kept_blocks(x.numel(), reinterpret_cast<const uint16_t*>(x.data_ptr()),
+                    reinterpret_cast<uint16_t*>(out.data_ptr()), _mm512_set1_ps(static_cast<float>(scale)),
+                    [&](int64_t k) { return static_cast<uint64_t>(draw_keep(seed, k, t)); },
+                    [&](__m512& lo, __m512& hi, int64_t, int64_t) {
+                      lo = _mm512_max_ps(lo, zero);
+                      hi = _mm512_max_ps(hi, zero);
+                    });
   return out;
 }
 
