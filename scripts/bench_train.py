@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     tuned = not args.malloc_defaults and tune_allocator()
     result = {**run(args), "allocator_tuned": tuned}
-    result["fused_dropout"] = "on" if fused_dropout.kernel() else f"off: {fused_dropout.unavailable_reason}"
+    result["fused_dropout"] = fused_dropout.status()
     print(json.dumps(result))
     print(f"[bench_train] {result['precision']} {result['timed_steps']} steps: "
           f"{result['tgt_tokens_per_s']:.0f} tgt tok/s, {result['src_tgt_tokens_per_s']:.0f} src+tgt tok/s, "

@@ -23,6 +23,14 @@ def splitmix64(words: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
+def count_calls(monkeypatch, module, name: str) -> list:
+    """Replace module.name with a wrapper that records each call; returns the record."""
+    calls = []
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args: calls.append(args) or original(*args))
+    return calls
+
+
 def keep_from_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
     words = bits.numpy().view(np.uint64)
     keep = (words[:, None] >> np.arange(64, dtype=np.uint64)) & np.uint64(1)
@@ -66,9 +74,7 @@ def test_keep_rate_and_independent_lanes():
 
 @needs_kernel
 def test_bf16_dropout_goes_through_the_kernel_and_follows_torch_manual_seed(monkeypatch):
-    calls = []
-    original = fused_dropout.fused_dropout
-    monkeypatch.setattr(fused_dropout, "fused_dropout", lambda *args: calls.append(1) or original(*args))
+    calls = count_calls(monkeypatch, fused_dropout, "fused_dropout")
     x = torch.randn(64, 50).bfloat16().requires_grad_()
     residual = torch.randn(64, 50).bfloat16().requires_grad_()
     torch.manual_seed(3)
@@ -93,18 +99,18 @@ def test_bf16_dropout_goes_through_the_kernel_and_follows_torch_manual_seed(monk
 
 def test_without_the_kernel_bf16_dropout_uses_the_tensor_ops(monkeypatch):
     monkeypatch.setattr(fused_dropout, "kernel", lambda: None)
-    masks = []
-    original = dropout_module.dropout_mask
-    monkeypatch.setattr(dropout_module, "dropout_mask", lambda *args: masks.append(1) or original(*args))
+    masks = count_calls(monkeypatch, dropout_module, "dropout_mask")
     y = dropout(torch.ones(32, 32).bfloat16(), 0.3)
-    assert masks == [1] and torch.equal(y.unique(), torch.tensor([0.0, 256 / 179]).bfloat16())
+    assert len(masks) == 1 and torch.equal(y.unique(), torch.tensor([0.0, 256 / 179]).bfloat16())
 
 
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("NMT_FUSED_DROPOUT", "0")
     fused_dropout.kernel.cache_clear()
     try:
+        assert fused_dropout.status() == "not used"  # asking for the status builds nothing
         assert fused_dropout.kernel() is None and fused_dropout.unavailable_reason == "NMT_FUSED_DROPOUT=0"
+        assert fused_dropout.status() == "off: NMT_FUSED_DROPOUT=0"
     finally:
         fused_dropout.kernel.cache_clear()
 
@@ -127,9 +133,7 @@ def test_feed_forward_relu_dropout_in_training_and_eval(monkeypatch, with_kernel
         pytest.skip(f"fused dropout kernel unavailable: {fused_dropout.unavailable_reason}")
     if not with_kernel:
         monkeypatch.setattr(fused_dropout, "kernel", lambda: None)
-    calls = []
-    original = fused_dropout.fused_relu_dropout
-    monkeypatch.setattr(fused_dropout, "fused_relu_dropout", lambda *args: calls.append(1) or original(*args))
+    calls = count_calls(monkeypatch, fused_dropout, "fused_relu_dropout")
     torch.manual_seed(0)
     ff = FeedForward(TransformerOptions(d_model=16, ff_size=64, activation_dropout=0.1)).bfloat16()
     x = torch.randn(4, 5, 16).bfloat16()

@@ -39,7 +39,8 @@ def _cpu_supports_kernel() -> bool:
 
 @functools.cache
 def kernel() -> Any | None:
-    """The compiled extension (forward, backward), or None when it cannot be used here."""
+    """The compiled extension (forward, backward, relu_forward, relu_backward), or None when it cannot be
+    used here (the reason in `unavailable_reason`)."""
     global unavailable_reason
     if os.environ.get("NMT_FUSED_DROPOUT", "1") == "0":
         unavailable_reason = "NMT_FUSED_DROPOUT=0"
@@ -59,6 +60,18 @@ def kernel() -> Any | None:
         return None
 
 
+def status() -> str:
+    """'on', 'off: <reason>', or 'not used' when no bf16 dropout has asked for the kernel (nothing is built)."""
+    if kernel.cache_info().currsize == 0:
+        return "not used"
+    return "on" if kernel() is not None else f"off: {unavailable_reason}"
+
+
+def _draw_seed() -> int:
+    """The kernel's seed for one call, from torch's default CPU generator (manual_seed, resume)."""
+    return int(torch.randint(-(2**62), 2**62, (), dtype=torch.int64))
+
+
 def usable(x: torch.Tensor, residual: torch.Tensor | None, bits: int) -> bool:
     """Whether `fused_dropout(x, residual, ...)` applies: bf16 CPU tensors of one shape, 8-bit lanes."""
     if bits != 8 or x.dtype != torch.bfloat16 or x.device.type != "cpu":
@@ -72,7 +85,7 @@ class _FusedDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, residual: torch.Tensor | None, x: torch.Tensor, threshold: int,
                 scale: float) -> torch.Tensor:
-        seed = int(torch.randint(-(2**62), 2**62, (), dtype=torch.int64))
+        seed = _draw_seed()
         out, bits = kernel().forward(x.contiguous(), None if residual is None else residual.contiguous(),
                                      threshold, scale, seed)
         ctx.save_for_backward(bits)
@@ -94,7 +107,7 @@ def fused_dropout(x: torch.Tensor, residual: torch.Tensor | None, threshold: int
 class _FusedReluDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
-        seed = int(torch.randint(-(2**62), 2**62, (), dtype=torch.int64))
+        seed = _draw_seed()
         out = kernel().relu_forward(x.contiguous(), threshold, scale, seed)
         ctx.save_for_backward(out)  # the next layer keeps it anyway: no extra memory
         ctx.scale = scale
