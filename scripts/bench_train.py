@@ -54,9 +54,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from nmt import cpu_kernels  # noqa: E402
 from nmt.allocator import tune_allocator  # noqa: E402
 from nmt.config import load_config  # noqa: E402
-from nmt.models import fused_dropout  # noqa: E402
 from nmt.vocab import PAD_ID  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "multi30k"
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     tuned = not args.malloc_defaults and tune_allocator()
     result = {**run(args), "allocator_tuned": tuned}
-    result["fused_dropout"] = fused_dropout.status()
+    result["cpu_kernels"] = cpu_kernels.status()
     print(json.dumps(result))
     print(f"[bench_train] {result['precision']} {result['timed_steps']} steps: "
           f"{result['tgt_tokens_per_s']:.0f} tgt tok/s, {result['src_tgt_tokens_per_s']:.0f} src+tgt tok/s, "

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from nmt import cpu_kernels
 from nmt.models import dropout as dropout_module
 from nmt.models import fused_dropout
 from nmt.models.dropout import dropout, dropout_add
 from nmt.models.transformer import FeedForward, TransformerOptions
 
-needs_kernel = pytest.mark.skipif(fused_dropout.kernel() is None,
-                                  reason=f"fused dropout kernel unavailable: {fused_dropout.unavailable_reason}")
+needs_kernel = pytest.mark.skipif(cpu_kernels.extension() is None,
+                                  reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason}")
 
 
 def splitmix64(words: np.ndarray) -> np.ndarray:
@@ -42,7 +43,7 @@ def keep_from_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
 def test_element_i_keeps_byte_i_mod_8_of_splitmix64_of_seed_plus_i_div_8(n):
     seed, threshold = 123_456_789, 77
     x = torch.randn(n).bfloat16()
-    _, bits = fused_dropout.kernel().forward(x, None, threshold, 1.0, seed)
+    _, bits = cpu_kernels.extension().dropout_forward(x, None, threshold, 1.0, seed)
     words = splitmix64(np.uint64(seed) + np.arange((n + 7) // 8, dtype=np.uint64))
     lanes = words.view(np.uint8)[:n]  # little endian: byte j of word w is element 8w + j
     expected = torch.from_numpy((lanes >= threshold).astype(np.float32))
@@ -54,18 +55,18 @@ def test_element_i_keeps_byte_i_mod_8_of_splitmix64_of_seed_plus_i_div_8(n):
 def test_values_and_gradient_are_residual_plus_x_times_keep_times_scale(with_residual):
     n, threshold, scale = 1000 * 37, 26, 256 / 230
     x, residual, grad = (torch.randn(1000, 37).bfloat16() for _ in range(3))
-    out, bits = fused_dropout.kernel().forward(x, residual if with_residual else None, threshold, scale, 5)
+    out, bits = cpu_kernels.extension().dropout_forward(x, residual if with_residual else None, threshold, scale, 5)
     keep = keep_from_bits(bits, n).view(1000, 37)
     dropped = x.float() * keep * scale
     expected = (residual.float() + dropped) if with_residual else dropped
     assert torch.equal(out, expected.bfloat16())
-    grad_x = fused_dropout.kernel().backward(grad, bits, scale)
+    grad_x = cpu_kernels.extension().dropout_backward(grad, bits, scale)
     assert torch.equal(grad_x, (grad.float() * keep * scale).bfloat16())
 
 
 @needs_kernel
 def test_keep_rate_and_independent_lanes():
-    _, bits = fused_dropout.kernel().forward(torch.zeros(1 << 20).bfloat16(), None, 128, 2.0, 99)
+    _, bits = cpu_kernels.extension().dropout_forward(torch.zeros(1 << 20).bfloat16(), None, 128, 2.0, 99)
     keep = keep_from_bits(bits, 1 << 20).view(-1, 8)
     torch.testing.assert_close(keep.mean(0), torch.full((8,), 0.5), atol=5e-3, rtol=0)
     pairs = (keep[:, :-1] * keep[:, 1:]).mean(0)
@@ -98,41 +99,30 @@ def test_bf16_dropout_goes_through_the_kernel_and_follows_torch_manual_seed(monk
 
 
 def test_without_the_kernel_bf16_dropout_uses_the_tensor_ops(monkeypatch):
-    monkeypatch.setattr(fused_dropout, "kernel", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "extension", lambda: None)
     masks = count_calls(monkeypatch, dropout_module, "dropout_mask")
     y = dropout(torch.ones(32, 32).bfloat16(), 0.3)
     assert len(masks) == 1 and torch.equal(y.unique(), torch.tensor([0.0, 256 / 179]).bfloat16())
-
-
-def test_switched_off_by_the_environment(monkeypatch):
-    monkeypatch.setenv("NMT_FUSED_DROPOUT", "0")
-    fused_dropout.kernel.cache_clear()
-    try:
-        assert fused_dropout.status() == "not used"  # asking for the status builds nothing
-        assert fused_dropout.kernel() is None and fused_dropout.unavailable_reason == "NMT_FUSED_DROPOUT=0"
-        assert fused_dropout.status() == "off: NMT_FUSED_DROPOUT=0"
-    finally:
-        fused_dropout.kernel.cache_clear()
 
 
 @needs_kernel
 def test_relu_dropout_keeps_the_same_draws_and_its_output_gives_the_gradient():
     n, threshold, scale, seed = 1000 * 37, 26, 256 / 230, 77
     x, grad = torch.randn(1000, 37).bfloat16(), torch.randn(1000, 37).bfloat16()
-    out = fused_dropout.kernel().relu_forward(x, threshold, scale, seed)
-    _, bits = fused_dropout.kernel().forward(x, None, threshold, scale, seed)  # the same draws
+    out = cpu_kernels.extension().relu_dropout_forward(x, threshold, scale, seed)
+    _, bits = cpu_kernels.extension().dropout_forward(x, None, threshold, scale, seed)  # the same draws
     keep = keep_from_bits(bits, n).view(1000, 37)
     assert torch.equal(out, (x.float().clamp(min=0) * keep * scale).bfloat16())
-    grad_x = fused_dropout.kernel().relu_backward(grad, out, scale)
+    grad_x = cpu_kernels.extension().relu_dropout_backward(grad, out, scale)
     assert torch.equal(grad_x, (grad.float() * keep * (x > 0) * scale).bfloat16())
 
 
 @pytest.mark.parametrize("with_kernel", [True, False])
 def test_feed_forward_relu_dropout_in_training_and_eval(monkeypatch, with_kernel):
-    if with_kernel and fused_dropout.kernel() is None:
-        pytest.skip(f"fused dropout kernel unavailable: {fused_dropout.unavailable_reason}")
+    if with_kernel and cpu_kernels.extension() is None:
+        pytest.skip(f"CPU kernels unavailable: {cpu_kernels.unavailable_reason}")
     if not with_kernel:
-        monkeypatch.setattr(fused_dropout, "kernel", lambda: None)
+        monkeypatch.setattr(cpu_kernels, "extension", lambda: None)
     calls = count_calls(monkeypatch, fused_dropout, "fused_relu_dropout")
     torch.manual_seed(0)
     ff = FeedForward(TransformerOptions(d_model=16, ff_size=64, activation_dropout=0.1)).bfloat16()

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import nmt.training.loss as loss_module
+from nmt import cpu_kernels
 from nmt.training.loss import label_smoothed_nll
 from nmt.vocab import PAD_ID
 
@@ -238,9 +239,15 @@ def test_fused_loss_accepts_batched_hidden_and_tied_weights(fused_blocks):
     assert embedding.weight.grad.shape == (29, 12) and embedding.weight.grad.dtype == torch.float32
 
 
-def test_fused_loss_under_bf16_autocast_matches_the_autocast_linear(fused_blocks):
+@pytest.mark.parametrize("with_kernels", [True, False], ids=["cpu-kernels", "tensor-ops"])
+def test_fused_loss_under_bf16_autocast_matches_the_autocast_linear(fused_blocks, with_kernels, monkeypatch):
     """Under autocast the logits are bf16 matmuls in both paths: same loss, gradients within bf16 rounding
-    (the fused weight gradient sums per-group bf16 partial products in fp32)."""
+    (the fused weight gradient sums per-group bf16 partial products in fp32). The per-row passes over the
+    logits run in nmt/csrc/loss.cpp where it is available, else as tensor ops."""
+    if with_kernels and cpu_kernels.extension() is None:
+        pytest.skip(f"CPU kernels unavailable: {cpu_kernels.unavailable_reason}")
+    if not with_kernels:
+        monkeypatch.setattr(cpu_kernels, "extension", lambda: None)
     layer, h, target = output_batch(rows=40, hidden=64, vocab=300)
     ours_h, ref_h = h.clone().requires_grad_(), h.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from nmt import cpu_kernels
 from nmt.vocab import PAD_ID
 
 # Logits per block of rows on the CPU (8 MiB in fp32). On a 2-core CPU, [4000, 8000] logits take about
@@ -163,6 +164,37 @@ def _block_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> t
     return torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t())
 
 
+def _row_terms(z: torch.Tensor, target: torch.Tensor,
+               kernels: Any | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse, sum_v -log p(v), -log p(target)) of each row of the logits z [rows, V] (target [rows, 1]), in
+    fp32; one pass of `nmt/csrc/loss.cpp` over bf16 z where `kernels` is given."""
+    if kernels is not None:
+        lse, total, at_target = kernels.logit_row_stats(z, target.reshape(-1))
+        return lse, z.size(1) * lse - total, lse - at_target
+    log_p = torch.log_softmax(z, dim=-1, dtype=torch.float32)  # one kernel, reads z in its dtype
+    lse = z[:, 0].float() - log_p[:, 0]
+    return lse, log_p.sum(dim=-1).neg_(), log_p.gather(1, target).squeeze(1).neg_()
+
+
+def _softmax_minus_target(z: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, keep: torch.Tensor,
+                          scale: float, k: float, out: torch.Tensor, kernels: Any | None) -> None:
+    """out = scale * softmax(z) - k * onehot(target) on the rows where keep is true, 0 on the others (out in
+    z's dtype; the target entries from z and the forward's lse in fp32, rounded once)."""
+    if kernels is not None:
+        kernels.softmax_minus_target(z, lse, target.reshape(-1), keep, scale, k, out)
+        return
+    torch._softmax(z, -1, False, out=out)
+    index = (torch.arange(z.size(0), device=z.device), target[:, 0])
+    p_target = (z[index].float() - lse).exp_()
+    if scale != 1.0:
+        out.mul_(scale)
+        p_target.mul_(scale)
+    out.index_put_(index, p_target.sub_(k).to(out.dtype))
+    pad_rows = (~keep).nonzero().squeeze(1)
+    if pad_rows.numel():
+        out.index_fill_(0, pad_rows, 0.0)
+
+
 class _OutputLayerCrossEntropy(torch.autograd.Function):
     """(loss_sum, nll_sum) of `hidden @ weight.T + bias` against `target`, block by block of rows."""
 
@@ -178,12 +210,10 @@ class _OutputLayerCrossEntropy(torch.autograd.Function):
         uniform_row = torch.empty_like(lse)
         nll_row = torch.empty_like(lse)
         safe_target = target.masked_fill(~keep, 0).unsqueeze(1)
+        kernels = cpu_kernels.extension() if cpu_kernels.usable_on(h, w) else None
         for block in _fused_blocks(rows, h.device):
             z = _block_logits(h[block], w, b)
-            log_p = torch.log_softmax(z, dim=-1, dtype=torch.float32)  # one kernel, reads z in its dtype
-            lse[block] = z[:, 0].float() - log_p[:, 0]
-            uniform_row[block] = log_p.sum(dim=-1).neg_()  # sum_v -log p(v)
-            nll_row[block] = log_p.gather(1, safe_target[block]).squeeze(1).neg_()
+            lse[block], uniform_row[block], nll_row[block] = _row_terms(z, safe_target[block], kernels)
         nll = nll_row.masked_fill(~keep, 0.0).sum()
         uniform_nll = uniform_row.masked_fill(~keep, 0.0).sum()
         loss = (1.0 - smoothing) * nll + (smoothing / vocab) * uniform_nll
@@ -219,22 +249,14 @@ class _OutputLayerCrossEntropy(torch.autograd.Function):
         group = WEIGHT_GRAD_BLOCKS if h.device.type == "cpu" else 1
         staged = torch.empty(min(rows_total, group * (blocks[0].stop - blocks[0].start)), vocab,
                              dtype=h.dtype, device=h.device)
-        padding = ~keep
+        kernels = cpu_kernels.extension() if cpu_kernels.usable_on(h, w) else None
         group_start = 0
         for i, rows in enumerate(blocks):
             z = _block_logits(h[rows], w, b)
             offset = rows.start - group_start
             p = staged[offset: offset + z.size(0)]
-            torch._softmax(z, -1, False, out=p)
-            index = (torch.arange(z.size(0), device=z.device), safe_target[rows, 0])
-            p_target = (z[index].float() - lse[rows]).exp_()
-            if s == 0.0:
-                p.zero_()
-                p_target.zero_()
-            p.index_put_(index, p_target.sub_(k).to(p.dtype))
-            pad_rows = padding[rows].nonzero().squeeze(1)
-            if pad_rows.numel():
-                p.index_fill_(0, pad_rows, 0.0)
+            _softmax_minus_target(z, lse[rows], safe_target[rows], keep[rows], 1.0 if s != 0.0 else 0.0, k, p,
+                                  kernels)
             if grad_h is not None:
                 torch.mm(p, w, out=grad_h[rows])
             if grad_b is not None:

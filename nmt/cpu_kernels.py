@@ -1,0 +1,70 @@
+"""nmt's compiled CPU kernels (bf16 dropout, the cross-entropy's passes over the logits), built at first use.
+
+The sources are in `nmt/csrc/`: AVX-512 code for bf16 tensors on CPUs with AVX512-BF16 (Intel Sapphire
+Rapids and later), parallel over torch's OpenMP threads. `extension()` compiles them once per torch
+version with `torch.utils.cpp_extension.load` (about 30 s, cached in torch's extension directory; needs a
+C++ compiler and ninja) the first time a caller asks for them. Anything missing, a failed build, or
+NMT_CPU_KERNELS=0, and it returns None (the reason in `unavailable_reason`): every caller then keeps its
+PyTorch-op path, which computes the same thing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
+SOURCES = ("bindings.cpp", "dropout.cpp", "loss.cpp")
+_CPU_FLAGS = ("avx512bw", "avx512dq", "avx512_bf16")
+_COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512bf16", "-fopenmp"]
+unavailable_reason: str | None = None  # why extension() is None, once it has been asked
+
+
+def _cpu_supports_kernels() -> bool:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return all(flag in flags.split() for flag in _CPU_FLAGS)
+
+
+@functools.cache
+def extension() -> Any | None:
+    """The compiled module (see `nmt/csrc/bindings.cpp` for its functions), or None when it cannot be
+    used here (the reason in `unavailable_reason`)."""
+    global unavailable_reason
+    if os.environ.get("NMT_CPU_KERNELS", "1") == "0":
+        unavailable_reason = "NMT_CPU_KERNELS=0"
+        return None
+    if not _cpu_supports_kernels():
+        unavailable_reason = f"the CPU lacks one of {', '.join(_CPU_FLAGS)}"
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        version = torch.__version__.replace(".", "_").replace("+", "_")
+        # -fopenmp: at::parallel_for is OpenMP code inlined from torch's headers; without the flag it runs
+        # on one thread. The extension then shares torch's OpenMP runtime (same libgomp.so.1).
+        return load(name=f"nmt_cpu_kernels_{version}", sources=[str(SOURCE_DIR / name) for name in SOURCES],
+                    extra_cflags=_COMPILE_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as error:  # no compiler, no ninja, a failed build: the PyTorch-op paths still work
+        unavailable_reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+        return None
+
+
+def status() -> str:
+    """'on', 'off: <reason>', or 'not used' when nothing has asked for the kernels (nothing is built)."""
+    if extension.cache_info().currsize == 0:
+        return "not used"
+    return "on" if extension() is not None else f"off: {unavailable_reason}"
+
+
+def usable_on(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels apply to these tensors: all bf16 on the CPU, and the extension available."""
+    if not all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors):
+        return False
+    return extension() is not None

@@ -1,0 +1,14 @@
+// The Python module of nmt's CPU kernels (loaded by nmt/cpu_kernels.py).
+#include <torch/extension.h>
+
+#include "kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dropout_forward", &nmt::dropout_forward, "residual + dropout(x), bf16, mask as bits");
+  m.def("dropout_backward", &nmt::dropout_backward, "gradient of dropout(x) from its bits");
+  m.def("relu_dropout_forward", &nmt::relu_dropout_forward, "dropout(relu(x)), bf16");
+  m.def("relu_dropout_backward", &nmt::relu_dropout_backward, "gradient of dropout(relu(x)) from its output");
+  m.def("logit_row_stats", &nmt::logit_row_stats, "(log-sum-exp, sum, target logit) of each row of bf16 logits");
+  m.def("softmax_minus_target", &nmt::softmax_minus_target,
+        "out = scale * softmax(logits) - k * onehot(target) on kept rows, 0 on the others (bf16)");
+}

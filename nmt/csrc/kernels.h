@@ -1,0 +1,22 @@
+// nmt's CPU kernels (bf16, AVX-512 with AVX512-BF16); bound to Python in bindings.cpp.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+namespace nmt {
+
+// dropout.cpp: residual + dropout(x) with the mask as bits; dropout(relu(x)); their gradients
+std::vector<at::Tensor> dropout_forward(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                        int64_t threshold, double scale, int64_t seed);
+at::Tensor dropout_backward(const at::Tensor& grad, const at::Tensor& bits, double scale);
+at::Tensor relu_dropout_forward(const at::Tensor& x, int64_t threshold, double scale, int64_t seed);
+at::Tensor relu_dropout_backward(const at::Tensor& grad, const at::Tensor& out, double scale);
+
+// loss.cpp: per-row statistics of bf16 logits for the cross-entropy, and its softmax gradient
+std::vector<at::Tensor> logit_row_stats(const at::Tensor& logits, const at::Tensor& target);
+void softmax_minus_target(const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& target,
+                          const at::Tensor& keep, double scale, double k, at::Tensor& out);
+
+}  // namespace nmt

@@ -1,0 +1,77 @@
+"""nmt.cpu_kernels: the build switch, and the cross-entropy kernels against the PyTorch-op path they replace.
+
+(The dropout kernels are tested in test_fused_dropout.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nmt.training.loss as loss_module
+from nmt import cpu_kernels
+
+needs_kernels = pytest.mark.skipif(cpu_kernels.extension() is None,
+                                   reason=f"CPU kernels unavailable: {cpu_kernels.unavailable_reason}")
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("NMT_CPU_KERNELS", "0")
+    cpu_kernels.extension.cache_clear()
+    try:
+        assert cpu_kernels.status() == "not used"  # asking for the status builds nothing
+        assert cpu_kernels.extension() is None and cpu_kernels.unavailable_reason == "NMT_CPU_KERNELS=0"
+        assert cpu_kernels.status() == "off: NMT_CPU_KERNELS=0"
+        assert not cpu_kernels.usable_on(torch.ones(2).bfloat16())
+    finally:
+        cpu_kernels.extension.cache_clear()
+
+
+def test_only_bf16_cpu_tensors_use_them():
+    assert not cpu_kernels.usable_on(torch.ones(2), torch.ones(2).bfloat16())
+    assert not cpu_kernels.usable_on(torch.ones(2).half())
+
+
+def logits_batch(rows: int, vocab: int, spread: float, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    z = (torch.randn(rows, vocab, generator=gen) * spread).bfloat16()
+    target = torch.randint(0, vocab, (rows, 1), generator=gen)
+    return z, target
+
+
+@needs_kernels
+@pytest.mark.parametrize("vocab", [1, 31, 32, 300, 8000])  # whole and partial 32-lane blocks
+@pytest.mark.parametrize("spread", [0.01, 3.0, 40.0])  # up to e^-100 terms (zero, denormal)
+def test_row_terms_match_log_softmax(vocab, spread):
+    z, target = logits_batch(19, vocab, spread)
+    ours = loss_module._row_terms(z, target, cpu_kernels.extension())
+    reference = loss_module._row_terms(z, target, None)
+    names = ("lse", "sum of -log p", "-log p(target)")
+    for name, a, b in zip(names, ours, reference, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-5 * max(1.0, vocab * spread / 100), msg=name)
+
+
+@needs_kernels
+@pytest.mark.parametrize("vocab", [31, 300])
+@pytest.mark.parametrize("scale, k", [(1.0, 0.9), (1.0, 0.0), (0.0, -0.25)])
+def test_softmax_minus_target_matches_the_tensor_ops(vocab, scale, k):
+    z, target = logits_batch(23, vocab, 3.0, seed=1)
+    keep = torch.rand(23, generator=torch.Generator().manual_seed(2)) > 0.3
+    lse = loss_module._row_terms(z, target, None)[0]
+    ours, reference = torch.full_like(z, 7.0), torch.full_like(z, 7.0)
+    loss_module._softmax_minus_target(z, lse, target, keep, scale, k, ours, cpu_kernels.extension())
+    loss_module._softmax_minus_target(z, lse, target, keep, scale, k, reference, None)
+    assert torch.all(ours[~keep] == 0)
+    # e^x to about 2e-7 against torch's softmax: at most one bf16 rounding step apart
+    torch.testing.assert_close(ours.float(), reference.float(), rtol=8e-3, atol=1e-6)
+    assert (ours != reference).float().mean() < 0.01
+
+
+@needs_kernels
+def test_target_ids_outside_the_vocabulary_are_refused():
+    z, target = logits_batch(4, 10, 1.0)
+    target[2] = 10
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        cpu_kernels.extension().logit_row_stats(z, target.reshape(-1))
+    with pytest.raises(RuntimeError, match="bf16"):
+        cpu_kernels.extension().logit_row_stats(z.float(), target.reshape(-1))
