@@ -1,4 +1,4 @@
-"""nmt's compiled CPU kernels (bf16 dropout, the cross-entropy's passes over the logits), built at first use.
+"""nmt's compiled CPU kernels (bf16 dropout, LayerNorm, the cross-entropy's passes over the logits), built at first use.
 
 The sources are in `nmt/csrc/`: AVX-512 code for bf16 tensors on CPUs with AVX512-BF16 (Intel Sapphire
 Rapids and later), parallel over torch's OpenMP threads. `extension()` compiles them once per torch
@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("bindings.cpp", "dropout.cpp", "loss.cpp")
-_CPU_FLAGS = ("avx512bw", "avx512dq", "avx512_bf16")
-_COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512bf16", "-fopenmp"]
+SOURCES = ("attention.cpp", "bindings.cpp", "dropout.cpp", "layer_norm.cpp", "loss.cpp")
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16")
+_COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 unavailable_reason: str | None = None  # why extension() is None, once it has been asked
 
 

@@ -19,4 +19,16 @@ std::vector<at::Tensor> logit_row_stats(const at::Tensor& logits, const at::Tens
 void softmax_minus_target(const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& target,
                           const at::Tensor& keep, double scale, double k, at::Tensor& out);
 
+// layer_norm.cpp: LayerNorm of bf16 rows with fp32 weight and bias -> (y, mean, rstd); its gradients
+// (grad_x, grad_weight, grad_bias)
+std::vector<at::Tensor> layer_norm_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                           double eps);
+std::vector<at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
+                                            const at::Tensor& rstd, const at::Tensor& weight);
+
+// attention.cpp: softmax(scale * scores) over the allowed keys (bf16 [B, heads, T, S]); its gradient
+at::Tensor attention_softmax_forward(const at::Tensor& scores, const std::optional<at::Tensor>& key_mask, bool causal,
+                                     double scale);
+at::Tensor attention_softmax_backward(const at::Tensor& grad, const at::Tensor& weights, double scale);
+
 }  // namespace nmt

@@ -17,6 +17,7 @@ from torch import nn
 
 from nmt.config import Component, opt
 from nmt.errors import NmtError
+from nmt.models import attention_softmax
 from nmt.models.dropout import dropout as fast_dropout
 from nmt.models.interfaces import Attention
 from nmt.models.zoo import register_attention
@@ -52,7 +53,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
     64, its CPU backward measured 2-6x slower than the explicit path in bf16, while in fp32 it was
     1.3-2x faster) and for fp32 single-query decoding steps (torch 2.13, 2-core Sapphire Rapids; see
     `_sdpa_is_faster_on_cpu`). `use_sdpa` forces one (None = choose so); the explicit path also serves
-    every call that needs the weights, which SDPA does not return.
+    every call that needs the weights, which SDPA does not return. In the explicit path, bf16 CPU tensors
+    take the scaled, masked softmax as one compiled kernel each way (`attention_softmax`) when the
+    weights are not asked for.
     """
     if use_sdpa is None:
         use_sdpa = q.is_cuda or _sdpa_is_faster_on_cpu(q, k, v)
@@ -62,12 +65,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True), None
         allowed = _allowed(key_mask, causal, queries, keys, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout), None
-    scores = torch.matmul(q * (1.0 / math.sqrt(q.size(-1))), k.transpose(-2, -1))
-    allowed = _allowed(key_mask, causal, queries, keys, q.device)
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32)  # fp32 softmax of bf16 scores, no copy
-    dropped = weights.to(v.dtype)  # dropout in the matmul's dtype: half the memory traffic under bf16
+    scale = 1.0 / math.sqrt(q.size(-1))
+    weights = None
+    if not need_weights and attention_softmax.applies(q):  # bf16 CPU training: one kernel each way
+        dropped = attention_softmax.attention_softmax(torch.matmul(q, k.transpose(-2, -1)), key_mask, causal,
+                                                      scale)
+    else:
+        scores = torch.matmul(q * scale, k.transpose(-2, -1))
+        allowed = _allowed(key_mask, causal, queries, keys, q.device)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32)  # fp32 softmax of bf16 scores, no copy
+        dropped = weights.to(v.dtype)  # dropout in the matmul's dtype: half the memory traffic under bf16
     if dropout > 0:
         dropped = fast_dropout(dropped, dropout)
     context = torch.matmul(dropped, v)

@@ -27,6 +27,7 @@ from nmt.config import Component, opt
 from nmt.errors import NmtError
 from nmt.models.dropout import Dropout, dropout_add, relu_dropout
 from nmt.models.interfaces import Decoder, DecoderState, Encoder, EncoderOutput
+from nmt.models.layer_norm import LayerNorm
 from nmt.models.multihead import MultiHeadAttention, check_divisible
 from nmt.models.zoo import register_decoder, register_encoder
 
@@ -121,7 +122,7 @@ class Residual(nn.Module):
 
     def __init__(self, d_model: int, dropout: float, pre_norm: bool):
         super().__init__()
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = LayerNorm(d_model)
         self.dropout = Dropout(dropout)
         self.pre_norm = pre_norm
 
@@ -158,7 +159,7 @@ def _self_attention(options: TransformerOptions) -> MultiHeadAttention:
 
 
 def _final_norm(options: TransformerOptions) -> nn.Module:
-    return nn.LayerNorm(options.d_model) if options.norm == "pre" else nn.Identity()
+    return LayerNorm(options.d_model) if options.norm == "pre" else nn.Identity()
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
