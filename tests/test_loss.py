@@ -294,7 +294,7 @@ def test_fused_loss_runs_whole_blocks_on_the_cpu(monkeypatch):
     ours_h, ref_h = h.clone().requires_grad_(), h.clone().requires_grad_()
     loss, nll, n = loss_module.output_label_smoothed_nll(ours_h, layer.weight, layer.bias, target, 0.1)
     loss.backward()
-    assert block_rows == [8] * 10  # 5 blocks forward, 5 backward
+    assert block_rows == [8] * 5  # 5 blocks in the forward; the backward scales the forward's sums
     ours_grads = [p.grad.clone() for p in layer.parameters()]
     layer.zero_grad()
     ref_loss, _, ref_n = label_smoothed_nll(layer(ref_h), target, 0.1)
@@ -315,3 +315,27 @@ def test_the_device_check_script_passes_on_the_cpu():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     records = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(records) == 7 and all(r["ok"] for r in records[:-1]) and records[-1]["failed"] == 0
+
+
+def test_fused_loss_takes_the_gradient_sums_in_the_forward_only_when_they_can_be_used(monkeypatch):
+    """loss.backward() (the training step) reuses the forward's sums; a backward through nll recomputes the
+    logits; without grad mode the forward takes no sums."""
+    monkeypatch.setattr(loss_module, "FUSED_BLOCK_ROWS", 8)
+    calls = {"logits": 0, "gradient": 0}
+    block_logits, softmax_minus_target = loss_module._block_logits, loss_module._softmax_minus_target
+
+    def counting(name, function):
+        return lambda *args: calls.__setitem__(name, calls[name] + 1) or function(*args)
+
+    monkeypatch.setattr(loss_module, "_block_logits", counting("logits", block_logits))
+    monkeypatch.setattr(loss_module, "_softmax_minus_target", counting("gradient", softmax_minus_target))
+    layer, h, target = output_batch(rows=40)
+    x = h.clone().requires_grad_()
+    loss, nll, _ = loss_module.output_label_smoothed_nll(x, layer.weight, layer.bias, target, 0.1)
+    loss.backward(retain_graph=True)
+    assert calls == {"logits": 5, "gradient": 5}
+    nll.backward()
+    assert calls == {"logits": 10, "gradient": 10}
+    with torch.no_grad():
+        loss_module.output_label_smoothed_nll(x, layer.weight, layer.bias, target, 0.1)
+    assert calls == {"logits": 15, "gradient": 10}

@@ -133,9 +133,11 @@ def output_label_smoothed_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: 
     hidden [..., H] (the decoder output, e.g. [B, T, H]), weight [V, H] (the output layer's; tied
     embeddings welcome), bias [V] or None, target [...] ids. The logits are computed block by block of
     rows, in the autocast dtype when called under autocast (else in hidden's dtype), turned into the
-    loss in fp32, and dropped; the backward recomputes each block's logits (one more matmul of the
-    output layer, cheaper on the CPU than storing and re-reading [N, V]) and writes the gradients of
-    hidden, weight and bias directly. Values and gradients are those of the unfused
+    loss in fp32, and dropped. The gradients of hidden, weight and bias are written directly: on the CPU
+    their sums over the logits are taken in the forward, while each block is in cache, whenever a
+    backward can follow (the backward then only scales them); otherwise (GPUs, or a backward through
+    the nll output) the backward recomputes each block's logits, one more matmul of the output layer
+    but cheaper than storing and re-reading [N, V]. Values and gradients are those of the unfused
     `output_layer(hidden)` + `label_smoothed_nll`, up to rounding. Returns (loss_sum, nll_sum, n_tokens)
     like `label_smoothed_nll`.
     """
@@ -150,8 +152,12 @@ def output_label_smoothed_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: 
         flat_hidden = torch.nn.functional.pad(flat_hidden, (0, 0, 0, short))
         target = torch.nn.functional.pad(target, (0, short), value=ignore_index)
     keep = target != ignore_index
+    # the gradient's sums in the forward (no second pass over the logits) on the CPU, when a backward can follow
+    precompute = device_type == "cpu" and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
     with torch.autocast(device_type, enabled=False):
-        loss, nll = _OutputLayerCrossEntropy.apply(flat_hidden, weight, bias, target, keep, smoothing, dtype)
+        loss, nll = _OutputLayerCrossEntropy.apply(flat_hidden, weight, bias, target, keep, smoothing, dtype,
+                                                   precompute)
     return loss, nll, int(keep.sum())
 
 
@@ -195,13 +201,60 @@ def _softmax_minus_target(z: torch.Tensor, lse: torch.Tensor, target: torch.Tens
         out.index_fill_(0, pad_rows, 0.0)
 
 
+class _GradientSums:
+    """The [rows, V] part of the output layer's gradient, P = scale * softmax(z) - k * onehot(y) on real rows
+    (0 on padding rows), taken block by block of rows and multiplied out at once: P w -> [rows, H],
+    P^T h -> [V, H] (fp32), sum_rows P -> [V] (fp32), for whichever of hidden, weight, bias needs one.
+    The weight's product is taken over WEIGHT_GRAD_BLOCKS blocks at once on the CPU (their rows staged
+    together): fewer fp32 accumulations of [V, H] and longer matmul reductions."""
+
+    def __init__(self, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, needs: tuple[bool, ...],
+                 blocks: list[slice]):
+        self.h, self.w, self.blocks = h, w, blocks
+        vocab, rows = w.size(0), h.size(0)
+        self.hidden = torch.empty_like(h) if needs[0] else None
+        self.weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if needs[1] else None
+        self.bias = torch.zeros(vocab, dtype=torch.float32, device=w.device) if needs[2] and b is not None else None
+        self.group = WEIGHT_GRAD_BLOCKS if h.device.type == "cpu" else 1
+        self.staged = torch.empty(min(rows, self.group * (blocks[0].stop - blocks[0].start)), vocab,
+                                  dtype=h.dtype, device=h.device)
+        self.group_start = 0
+
+    def block(self, rows: slice) -> torch.Tensor:
+        """Where P of these rows is to be written (then call `add`)."""
+        offset = rows.start - self.group_start
+        return self.staged[offset: offset + min(rows.stop, self.h.size(0)) - rows.start]
+
+    def add(self, i: int, rows: slice) -> None:
+        """Multiply out block i (`rows`), whose P is in `block(rows)`."""
+        p = self.block(rows)
+        if self.hidden is not None:
+            torch.mm(p, self.w, out=self.hidden[rows])
+        if self.bias is not None:
+            self.bias += p.sum(0, dtype=torch.float32)
+        if i == len(self.blocks) - 1 or (i + 1) % self.group == 0:  # the staged group is complete
+            end = min(rows.stop, self.h.size(0))
+            if self.weight is not None:
+                self.weight += torch.mm(self.staged[: end - self.group_start].t(), self.h[self.group_start:end]).float()
+            self.group_start = end
+
+
 class _OutputLayerCrossEntropy(torch.autograd.Function):
-    """(loss_sum, nll_sum) of `hidden @ weight.T + bias` against `target`, block by block of rows."""
+    """(loss_sum, nll_sum) of `hidden @ weight.T + bias` against `target`, block by block of rows.
+
+    Gradients: per real row, d/dz = s * softmax(z) - c - t * onehot(y) with the scalars s = grad_loss +
+    grad_nll, c = grad_loss * eps / V, t = grad_loss * (1 - eps) + grad_nll; written m * (p - k * onehot(y))
+    - c (m = s, p = softmax(z), k = t / m; m = 1 and p = 0 when s = 0). Only p - k * onehot(y) goes through
+    [rows, V] (`_GradientSums`); m and c are applied to the [rows, H] and [V, H] results. With `precompute`
+    the forward takes those sums while it has each block's logits, for k = 1 - eps (the training step's
+    case: only the loss is differentiated, grad_nll = 0), and the backward only scales them; for any other
+    grad_nll the backward recomputes the logits and sums with its own k.
+    """
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                target: torch.Tensor, keep: torch.Tensor, smoothing: float,
-                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                target: torch.Tensor, keep: torch.Tensor, smoothing: float, dtype: torch.dtype,
+                precompute: bool) -> tuple[torch.Tensor, torch.Tensor]:
         h = hidden.to(dtype).contiguous()
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
@@ -211,25 +264,29 @@ class _OutputLayerCrossEntropy(torch.autograd.Function):
         nll_row = torch.empty_like(lse)
         safe_target = target.masked_fill(~keep, 0).unsqueeze(1)
         kernels = cpu_kernels.extension() if cpu_kernels.usable_on(h, w) else None
-        for block in _fused_blocks(rows, h.device):
+        blocks = _fused_blocks(rows, h.device)
+        sums = _GradientSums(h, w, b, ctx.needs_input_grad[:3], blocks) if precompute else None
+        for i, block in enumerate(blocks):
             z = _block_logits(h[block], w, b)
             lse[block], uniform_row[block], nll_row[block] = _row_terms(z, safe_target[block], kernels)
+            if sums is not None:
+                _softmax_minus_target(z, lse[block], safe_target[block], keep[block], 1.0, 1.0 - smoothing,
+                                      sums.block(block), kernels)
+                sums.add(i, block)
+        if sums is not None:
+            sums.staged = None  # the [rows, V] buffer is not needed any more
         nll = nll_row.masked_fill(~keep, 0.0).sum()
         uniform_nll = uniform_row.masked_fill(~keep, 0.0).sum()
         loss = (1.0 - smoothing) * nll + (smoothing / vocab) * uniform_nll
         ctx.save_for_backward(h, w, b, lse, safe_target, keep)
         ctx.smoothing = smoothing
+        ctx.precomputed = sums
         ctx.types = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.set_materialize_grads(False)
         return loss, nll
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor | None, grad_nll: torch.Tensor | None) -> tuple[Any, ...]:
-        # Per real row, d/dz = s * softmax(z) - c - t * onehot(y) with the scalars s = grad_loss + grad_nll,
-        # c = grad_loss * eps / V, t = grad_loss * (1 - eps) + grad_nll; written m * (p - k * onehot(y)) - c
-        # (m = s, p = softmax(z), k = t / m; m = 1 and p = 0 when s = 0). Only p - k * onehot(y) goes through
-        # [rows, V]: one softmax kernel in the logits' dtype, target entries recomputed in fp32 from the
-        # forward's log-sum-exp, padding rows zeroed; m and c are applied to the [rows, H] and [V, H] results.
         h, w, b, lse, safe_target, keep = ctx.saved_tensors
         eps, vocab = ctx.smoothing, w.size(0)
         hidden_type, weight_type, bias_type = ctx.types
@@ -238,34 +295,16 @@ class _OutputLayerCrossEntropy(torch.autograd.Function):
         s = g_loss + g_nll
         m = s if s != 0.0 else 1.0
         k, c = (g_loss * (1.0 - eps) + g_nll) / m, g_loss * eps / vocab
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        rows_total = h.size(0)
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
-        grad_b = torch.zeros(vocab, dtype=torch.float32, device=w.device) if need_b and b is not None else None
-        # The weight gradient sum_rows g^T h is taken over WEIGHT_GRAD_BLOCKS blocks at once (the blocks'
-        # rows staged in `staged`): fewer fp32 accumulations of [V, H] and longer matmul reductions.
-        blocks = _fused_blocks(rows_total, h.device)
-        group = WEIGHT_GRAD_BLOCKS if h.device.type == "cpu" else 1
-        staged = torch.empty(min(rows_total, group * (blocks[0].stop - blocks[0].start)), vocab,
-                             dtype=h.dtype, device=h.device)
-        kernels = cpu_kernels.extension() if cpu_kernels.usable_on(h, w) else None
-        group_start = 0
-        for i, rows in enumerate(blocks):
-            z = _block_logits(h[rows], w, b)
-            offset = rows.start - group_start
-            p = staged[offset: offset + z.size(0)]
-            _softmax_minus_target(z, lse[rows], safe_target[rows], keep[rows], 1.0 if s != 0.0 else 0.0, k, p,
-                                  kernels)
-            if grad_h is not None:
-                torch.mm(p, w, out=grad_h[rows])
-            if grad_b is not None:
-                grad_b += p.sum(0, dtype=torch.float32)
-            if i == len(blocks) - 1 or (i + 1) % group == 0:  # the staged group is complete
-                end = min(rows.stop, rows_total)
-                if grad_w is not None:
-                    grad_w += torch.mm(staged[: end - group_start].t(), h[group_start:end]).float()
-                group_start = end
+        sums, ctx.precomputed = ctx.precomputed, None
+        if sums is None or g_nll != 0.0 or g_loss == 0.0:  # not the precomputed k = 1 - eps: recompute
+            blocks = _fused_blocks(h.size(0), h.device)
+            sums = _GradientSums(h, w, b, ctx.needs_input_grad[:3], blocks)
+            kernels = cpu_kernels.extension() if cpu_kernels.usable_on(h, w) else None
+            for i, rows in enumerate(blocks):
+                _softmax_minus_target(_block_logits(h[rows], w, b), lse[rows], safe_target[rows], keep[rows],
+                                      1.0 if s != 0.0 else 0.0, k, sums.block(rows), kernels)
+                sums.add(i, rows)
+        grad_h, grad_w, grad_b = sums.hidden, sums.weight, sums.bias
         real = keep.to(torch.float32).unsqueeze(1)
         if grad_h is not None:
             grad_h = (grad_h.float().mul_(m) - c * w.float().sum(0)).mul_(real).to(hidden_type)
@@ -273,4 +312,4 @@ class _OutputLayerCrossEntropy(torch.autograd.Function):
             grad_w = grad_w.mul_(m).sub_(c * (h.float() * real).sum(0)).to(weight_type)
         if grad_b is not None:
             grad_b = grad_b.mul_(m).sub_(c * float(keep.sum())).to(bias_type)
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
