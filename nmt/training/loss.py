@@ -213,7 +213,8 @@ class _GradientSums:
         self.h, self.w, self.blocks = h, w, blocks
         vocab, rows = w.size(0), h.size(0)
         self.hidden = torch.empty_like(h) if needs[0] else None
-        self.weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if needs[1] else None
+        self.need_weight = needs[1]
+        self.weight: torch.Tensor | None = None  # fp32, from the first complete group on
         self.bias = torch.zeros(vocab, dtype=torch.float32, device=w.device) if needs[2] and b is not None else None
         self.group = WEIGHT_GRAD_BLOCKS if h.device.type == "cpu" else 1
         self.staged = torch.empty(min(rows, self.group * (blocks[0].stop - blocks[0].start)), vocab,
@@ -234,8 +235,9 @@ class _GradientSums:
             self.bias += p.sum(0, dtype=torch.float32)
         if i == len(self.blocks) - 1 or (i + 1) % self.group == 0:  # the staged group is complete
             end = min(rows.stop, self.h.size(0))
-            if self.weight is not None:
-                self.weight += torch.mm(self.staged[: end - self.group_start].t(), self.h[self.group_start:end]).float()
+            if self.need_weight:
+                part = torch.mm(self.staged[: end - self.group_start].t(), self.h[self.group_start:end]).float()
+                self.weight = part if self.weight is None else self.weight.add_(part)
             self.group_start = end
 
 
@@ -307,9 +309,9 @@ class _OutputLayerCrossEntropy(torch.autograd.Function):
         grad_h, grad_w, grad_b = sums.hidden, sums.weight, sums.bias
         real = keep.to(torch.float32).unsqueeze(1)
         if grad_h is not None:
-            grad_h = (grad_h.float().mul_(m) - c * w.float().sum(0)).mul_(real).to(hidden_type)
+            grad_h = (grad_h.float().mul_(m) - c * w.sum(0, dtype=torch.float32)).mul_(real).to(hidden_type)
         if grad_w is not None:
-            grad_w = grad_w.mul_(m).sub_(c * (h.float() * real).sum(0)).to(weight_type)
+            grad_w = grad_w.mul_(m).sub_(c * h[keep].sum(0, dtype=torch.float32)).to(weight_type)
         if grad_b is not None:
             grad_b = grad_b.mul_(m).sub_(c * float(keep.sum())).to(bias_type)
         return grad_h, grad_w, grad_b, None, None, None, None, None
