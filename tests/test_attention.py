@@ -138,3 +138,22 @@ def test_masked_softmax_is_computed_in_fp32_from_half_precision_scores():
     weights = masked_softmax(scores, torch.ones(1, 3, dtype=torch.bool))
     assert weights.dtype == torch.float32
     torch.testing.assert_close(weights, torch.softmax(scores.float(), dim=-1))
+
+
+@pytest.mark.parametrize("use_v", [True, False])
+def test_split_kv_gives_views_and_the_gradient_of_unbind(use_v):
+    """MultiHeadAttention.split_kv: K and V as views of the projection; its backward (one buffer written in
+    place) equals autograd's through view/permute/unbind, an unused V included."""
+    from nmt.models.multihead import MultiHeadAttention
+
+    attention = MultiHeadAttention(16, 16, 16, heads=4)
+    kv = torch.randn(3, 5, 32, requires_grad=True)
+    reference = kv.detach().clone().requires_grad_()
+    gen = torch.Generator().manual_seed(0)
+    grad_k, grad_v = torch.randn(3, 4, 5, 4, generator=gen), torch.randn(3, 4, 5, 4, generator=gen)
+    k, v = attention.split_kv(kv)
+    ref_k, ref_v = reference.view(3, 5, 2, 4, 4).permute(2, 0, 3, 1, 4).unbind(0)
+    assert torch.equal(k, ref_k) and torch.equal(v, ref_v) and k.data_ptr() == kv.data_ptr()
+    ((k * grad_k).sum() + (v * grad_v).sum() * use_v).backward()
+    ((ref_k * grad_k).sum() + (ref_v * grad_v).sum() * use_v).backward()
+    assert torch.equal(kv.grad, reference.grad)

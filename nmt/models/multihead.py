@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +101,30 @@ def check_divisible(size: int, heads: int, key: str) -> int:
     return size // heads
 
 
+class _SplitKV(torch.autograd.Function):
+    """kv [B, S, 2 * hidden] -> K, V [B, heads, S, d_head] as views. The backward writes both gradients
+    into one [B, S, 2, heads, d_head] tensor, one strided copy each (`unbind`'s backward stacks them and
+    then copies the stack into that layout: two passes and a concatenation)."""
+
+    @staticmethod
+    def forward(ctx: Any, kv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b, s, size = kv.shape
+        ctx.layout = (b, s, 2, heads, size // (2 * heads))
+        ctx.dtype, ctx.device = kv.dtype, kv.device
+        k, v = kv.view(ctx.layout).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    @staticmethod
+    def backward(ctx: Any, grad_k: torch.Tensor | None, grad_v: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+        grad = torch.empty(ctx.layout, dtype=ctx.dtype, device=ctx.device)
+        for i, part in enumerate((grad_k, grad_v)):
+            if part is None:
+                grad[:, :, i].zero_()
+            else:
+                grad[:, :, i].copy_(part.transpose(1, 2))
+        return grad.view(ctx.layout[0], ctx.layout[1], -1), None
+
+
 class MultiHeadAttention(nn.Module):
     """Queries of size `query_size` attend over memory of size `memory_size`.
 
@@ -121,10 +146,8 @@ class MultiHeadAttention(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def split_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, S, 2 * hidden] (K|V) -> K, V each [B, heads, S, d_head]."""
-        b, s, _ = kv.shape
-        k, v = kv.view(b, s, 2, self.heads, self.d_head).permute(2, 0, 3, 1, 4).unbind(0)
-        return k, v
+        """[B, S, 2 * hidden] (K|V) -> K, V each [B, heads, S, d_head] (views of kv)."""
+        return _SplitKV.apply(kv, self.heads)
 
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """memory [B, S, memory_size] -> K, V each [B, heads, S, d_head]."""
