@@ -29,8 +29,6 @@ const int64_t* checked_targets(const at::Tensor& logits, const at::Tensor& targe
   return ids;
 }
 
-inline __m512 lanes_of(__m512 v, __mmask16 m, float fill) { return _mm512_mask_blend_ps(m, _mm512_set1_ps(fill), v); }
-
 }  // namespace
 
 std::vector<at::Tensor> logit_row_stats(const at::Tensor& logits, const at::Tensor& target) {
@@ -51,8 +49,8 @@ std::vector<at::Tensor> logit_row_stats(const at::Tensor& logits, const at::Tens
         load32(row + j, V - j, lo, hi);
         const __mmask32 m = first_lanes(V - j);
         sum = _mm512_add_ps(sum, _mm512_add_ps(lo, hi));
-        high = _mm512_max_ps(high, lanes_of(lo, static_cast<__mmask16>(m), -INFINITY));
-        high = _mm512_max_ps(high, lanes_of(hi, static_cast<__mmask16>(m >> 16), -INFINITY));
+        high = _mm512_mask_max_ps(high, static_cast<__mmask16>(m), high, lo);
+        high = _mm512_mask_max_ps(high, static_cast<__mmask16>(m >> 16), high, hi);
       }
       const float row_max = _mm512_reduce_max_ps(high);
       const __m512 shift = _mm512_set1_ps(row_max);

@@ -110,18 +110,15 @@ class _SplitKV(torch.autograd.Function):
     def forward(ctx: Any, kv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         b, s, size = kv.shape
         ctx.layout = (b, s, 2, heads, size // (2 * heads))
-        ctx.dtype, ctx.device = kv.dtype, kv.device
         k, v = kv.view(ctx.layout).permute(2, 0, 3, 1, 4)
         return k, v
 
     @staticmethod
-    def backward(ctx: Any, grad_k: torch.Tensor | None, grad_v: torch.Tensor | None) -> tuple[torch.Tensor, None]:
-        grad = torch.empty(ctx.layout, dtype=ctx.dtype, device=ctx.device)
-        for i, part in enumerate((grad_k, grad_v)):
-            if part is None:
-                grad[:, :, i].zero_()
-            else:
-                grad[:, :, i].copy_(part.transpose(1, 2))
+    def backward(ctx: Any, grad_k: torch.Tensor, grad_v: torch.Tensor) -> tuple[torch.Tensor, None]:
+        # autograd materialises the gradient of an unused output as zeros: both are tensors
+        grad = grad_k.new_empty(ctx.layout)
+        grad[:, :, 0].copy_(grad_k.transpose(1, 2))
+        grad[:, :, 1].copy_(grad_v.transpose(1, 2))
         return grad.view(ctx.layout[0], ctx.layout[1], -1), None
 
 

@@ -201,6 +201,11 @@ def _softmax_minus_target(z: torch.Tensor, lse: torch.Tensor, target: torch.Tens
         out.index_fill_(0, pad_rows, 0.0)
 
 
+def _kernels_for(h: torch.Tensor, w: torch.Tensor) -> Any | None:
+    """`nmt.cpu_kernels`' module when its loss kernels apply to these operands (bf16 on the CPU), else None."""
+    return cpu_kernels.extension() if cpu_kernels.usable_on(h, w) else None
+
+
 class _GradientSums:
     """The [rows, V] part of the output layer's gradient, P = scale * softmax(z) - k * onehot(y) on real rows
     (0 on padding rows), taken block by block of rows and multiplied out at once: P w -> [rows, H],
@@ -211,34 +216,37 @@ class _GradientSums:
     def __init__(self, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, needs: tuple[bool, ...],
                  blocks: list[slice]):
         self.h, self.w, self.blocks = h, w, blocks
+        self.kernels = _kernels_for(h, w)
         vocab, rows = w.size(0), h.size(0)
         self.hidden = torch.empty_like(h) if needs[0] else None
         self.need_weight = needs[1]
         self.weight: torch.Tensor | None = None  # fp32, from the first complete group on
         self.bias = torch.zeros(vocab, dtype=torch.float32, device=w.device) if needs[2] and b is not None else None
         self.group = WEIGHT_GRAD_BLOCKS if h.device.type == "cpu" else 1
-        self.staged = torch.empty(min(rows, self.group * (blocks[0].stop - blocks[0].start)), vocab,
-                                  dtype=h.dtype, device=h.device)
+        self.staged: torch.Tensor | None = torch.empty(
+            min(rows, self.group * (blocks[0].stop - blocks[0].start)), vocab, dtype=h.dtype, device=h.device)
         self.group_start = 0
 
-    def block(self, rows: slice) -> torch.Tensor:
-        """Where P of these rows is to be written (then call `add`)."""
+    def add(self, i: int, rows: slice, z: torch.Tensor, lse: torch.Tensor, safe_target: torch.Tensor,
+            keep: torch.Tensor, scale: float, k: float) -> None:
+        """Block i (`rows`, logits z): write its P (see `_softmax_minus_target`) and multiply it out. The
+        staged rows are released after the last block."""
         offset = rows.start - self.group_start
-        return self.staged[offset: offset + min(rows.stop, self.h.size(0)) - rows.start]
-
-    def add(self, i: int, rows: slice) -> None:
-        """Multiply out block i (`rows`), whose P is in `block(rows)`."""
-        p = self.block(rows)
+        p = self.staged[offset: offset + z.size(0)]
+        _softmax_minus_target(z, lse[rows], safe_target[rows], keep[rows], scale, k, p, self.kernels)
         if self.hidden is not None:
             torch.mm(p, self.w, out=self.hidden[rows])
         if self.bias is not None:
             self.bias += p.sum(0, dtype=torch.float32)
-        if i == len(self.blocks) - 1 or (i + 1) % self.group == 0:  # the staged group is complete
+        last = i == len(self.blocks) - 1
+        if last or (i + 1) % self.group == 0:  # the staged group is complete
             end = min(rows.stop, self.h.size(0))
             if self.need_weight:
                 part = torch.mm(self.staged[: end - self.group_start].t(), self.h[self.group_start:end]).float()
                 self.weight = part if self.weight is None else self.weight.add_(part)
             self.group_start = end
+        if last:
+            self.staged = None
 
 
 class _OutputLayerCrossEntropy(torch.autograd.Function):
@@ -265,18 +273,14 @@ class _OutputLayerCrossEntropy(torch.autograd.Function):
         uniform_row = torch.empty_like(lse)
         nll_row = torch.empty_like(lse)
         safe_target = target.masked_fill(~keep, 0).unsqueeze(1)
-        kernels = cpu_kernels.extension() if cpu_kernels.usable_on(h, w) else None
+        kernels = _kernels_for(h, w)
         blocks = _fused_blocks(rows, h.device)
         sums = _GradientSums(h, w, b, ctx.needs_input_grad[:3], blocks) if precompute else None
         for i, block in enumerate(blocks):
             z = _block_logits(h[block], w, b)
             lse[block], uniform_row[block], nll_row[block] = _row_terms(z, safe_target[block], kernels)
             if sums is not None:
-                _softmax_minus_target(z, lse[block], safe_target[block], keep[block], 1.0, 1.0 - smoothing,
-                                      sums.block(block), kernels)
-                sums.add(i, block)
-        if sums is not None:
-            sums.staged = None  # the [rows, V] buffer is not needed any more
+                sums.add(i, block, z, lse, safe_target, keep, 1.0, 1.0 - smoothing)
         nll = nll_row.masked_fill(~keep, 0.0).sum()
         uniform_nll = uniform_row.masked_fill(~keep, 0.0).sum()
         loss = (1.0 - smoothing) * nll + (smoothing / vocab) * uniform_nll
@@ -301,11 +305,8 @@ class _OutputLayerCrossEntropy(torch.autograd.Function):
         if sums is None or g_nll != 0.0 or g_loss == 0.0:  # not the precomputed k = 1 - eps: recompute
             blocks = _fused_blocks(h.size(0), h.device)
             sums = _GradientSums(h, w, b, ctx.needs_input_grad[:3], blocks)
-            kernels = cpu_kernels.extension() if cpu_kernels.usable_on(h, w) else None
             for i, rows in enumerate(blocks):
-                _softmax_minus_target(_block_logits(h[rows], w, b), lse[rows], safe_target[rows], keep[rows],
-                                      1.0 if s != 0.0 else 0.0, k, sums.block(rows), kernels)
-                sums.add(i, rows)
+                sums.add(i, rows, _block_logits(h[rows], w, b), lse, safe_target, keep, 1.0 if s != 0.0 else 0.0, k)
         grad_h, grad_w, grad_b = sums.hidden, sums.weight, sums.bias
         real = keep.to(torch.float32).unsqueeze(1)
         if grad_h is not None:
