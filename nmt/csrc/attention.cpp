@@ -1,111 +1,321 @@
-// The softmax of attention scores over bf16 [B, heads, T, S] (nmt/models/multihead.py, training path):
-// weights = softmax(scale * scores) over the allowed keys of each row, 0 on the others, with fp32
-// arithmetic and one bf16 rounding, so neither the masked copy of the scores nor fp32 weights are made.
-// A key j is allowed for query t of batch row b when key_mask[b, j] (if given) and, with `causal`,
-// j <= S - T + t (the queries are the last T of the S positions). A row with no allowed key gets all 0.
-// backward: grad_scores = scale * w * (grad - sum_j grad_j w_j).
+// Multi-head attention of bf16 tensors in one kernel each way (nmt/models/fused_attention.py):
+//
+//   P = softmax(scale * Q K^T) over the allowed keys (0 on the others),  O = dropout(P) V
+//
+// per sentence b and head h, with Q [T, D], K and V [S, D] read in place from strided [B, heads, len, D]
+// views (the last dimension contiguous), so the heads are never copied into a layout of their own. The
+// products use AVX512-BF16 dot products of bf16 pairs with fp32 sums (the precision of a bf16 matmul),
+// the softmax is fp32; P, dropout(P) and its gradient are rounded to bf16 where they enter a product,
+// as the tensor-op path rounds them. A key j is allowed for query t when key_mask[b, j] (if given) and,
+// with `causal`, j <= S - T + t; a row with no allowed key gets P = 0 and O = 0.
+// Dropout keeps P[b, h, t, j] when byte j % 64 of draw_keep(seed, (((b * heads + h) * T + t) * W + j / 64))
+// is >= threshold (W = 64-key blocks per row); the backward draws the same bits again.
+// backward: dPd = dO V^T, dP = keep * dropscale * dPd, dS = scale * P * (dP - sum_j P_j dP_j),
+//           dQ = dS K, dK = dS^T Q, dV = dropout(P)^T dO.
 #include <ATen/Parallel.h>
 
 #include <cmath>
 #include <vector>
 
 #include "bf16_vec.h"
+#include "keep_bits.h"
 #include "kernels.h"
 
 namespace nmt {
+namespace {
 
-at::Tensor attention_softmax_forward(const at::Tensor& scores, const std::optional<at::Tensor>& key_mask, bool causal,
-                                     double scale) {
-  check_bf16(scores, "scores");
-  TORCH_CHECK(scores.dim() == 4, "scores must be [B, heads, T, S]");
-  const int64_t batch = scores.size(0), heads = scores.size(1), queries = scores.size(2), keys = scores.size(3);
-  const bool* mask = nullptr;
-  if (key_mask.has_value()) {
-    TORCH_CHECK(key_mask->scalar_type() == at::kBool && key_mask->is_contiguous() && key_mask->dim() == 2 &&
-                    key_mask->size(0) == batch && key_mask->size(1) == keys,
-                "key_mask must be a contiguous bool [B, S]");
-    mask = key_mask->data_ptr<bool>();
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// A strided [B, heads, len, D] bf16 view with a contiguous last dimension.
+struct Heads {
+  uint16_t* data;
+  int64_t sb, sh, st;
+  Heads(const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 4 && t.stride(3) == 1, name,
+                " must be a bf16 CPU [B, heads, len, D] tensor with a contiguous last dimension");
+    TORCH_CHECK(t.stride(0) % 2 == 0 && t.stride(1) % 2 == 0 && t.stride(2) % 2 == 0 &&
+                    reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 == 0,
+                name, " must have even strides and a 4-byte aligned start");
+    data = reinterpret_cast<uint16_t*>(t.data_ptr());
+    sb = t.stride(0), sh = t.stride(1), st = t.stride(2);
   }
-  auto weights = at::empty_like(scores);
-  const uint16_t* in = bf16_data(scores);
-  uint16_t* out = bf16_data_mut(weights);
-  const __m512 s = _mm512_set1_ps(static_cast<float>(scale));
-  at::parallel_for(0, batch * heads * queries, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> exps(((keys + 31) / 32) * 32);
-    std::vector<__mmask32> allowed((keys + 31) / 32);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / (heads * queries), t = r % queries;
-      const int64_t last = causal ? std::min(keys, keys - queries + t + 1) : keys;  // keys [0, last) may be seen
-      const uint16_t* row = in + r * keys;
-      __m512 high = _mm512_set1_ps(-INFINITY);
-      for (int64_t j = 0; j < keys; j += 32) {  // allowed lanes, and the max over them
-        __mmask32 m = last > j ? first_lanes(last - j) : 0;
-        if (mask) m &= _mm256_cmpneq_epi8_mask(_mm256_maskz_loadu_epi8(first_lanes(keys - j), mask + b * keys + j),
-                                               _mm256_setzero_si256());
-        allowed[j / 32] = m;
-        __m512 lo, hi;
-        load32(row + j, keys - j, lo, hi);
-        high = _mm512_mask_max_ps(high, static_cast<__mmask16>(m), high, _mm512_mul_ps(lo, s));
-        high = _mm512_mask_max_ps(high, static_cast<__mmask16>(m >> 16), high, _mm512_mul_ps(hi, s));
-      }
-      const float row_max = _mm512_reduce_max_ps(high);
-      uint16_t* out_row = out + r * keys;
-      if (row_max == -INFINITY) {  // nothing allowed
-        std::memset(out_row, 0, keys * sizeof(uint16_t));
-        continue;
-      }
-      const __m512 shift = _mm512_set1_ps(row_max);
-      __m512 total = _mm512_setzero_ps();
-      for (int64_t j = 0; j < keys; j += 32) {
-        __m512 lo, hi;
-        load32(row + j, keys - j, lo, hi);
-        const __mmask32 m = allowed[j / 32];
-        const __m512 e_lo = _mm512_maskz_mov_ps(static_cast<__mmask16>(m), exp_nonpositive(_mm512_fmsub_ps(lo, s, shift)));
-        const __m512 e_hi =
-            _mm512_maskz_mov_ps(static_cast<__mmask16>(m >> 16), exp_nonpositive(_mm512_fmsub_ps(hi, s, shift)));
-        total = _mm512_add_ps(total, _mm512_add_ps(e_lo, e_hi));
-        _mm512_storeu_ps(exps.data() + j, e_lo);
-        _mm512_storeu_ps(exps.data() + j + 16, e_hi);
-      }
-      const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-      for (int64_t j = 0; j < keys; j += 32)
-        store32(out_row + j, keys - j, _mm512_mul_ps(_mm512_loadu_ps(exps.data() + j), inverse),
-                _mm512_mul_ps(_mm512_loadu_ps(exps.data() + j + 16), inverse));
+  uint16_t* row(int64_t b, int64_t h, int64_t t) const { return data + b * sb + h * sh + t * st; }
+};
+
+// C[m, n] = sum_p A(m, p) . B[p, n] for m < M, n < N (fp32 C, row stride ldc >= N rounded up to 16): each
+// A(m, p) = a[m * sam + p * sap] and B[p, n] = b[p * ldb + n] is a pair of bf16 values (the two
+// consecutive reduction indices 2p, 2p + 1), so one dpbf16 adds two products per lane. b's rows must
+// be readable up to N rounded up to 16. Register blocks of R rows x V vectors of 16 columns.
+template <int R, int V>
+void pair_block(int64_t P, const uint32_t* a, int64_t sam, int64_t sap, const uint32_t* b, int64_t ldb, float* c,
+                int64_t ldc) {
+  __m512 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < P; ++p) {
+    __m512bh bv[V];
+    for (int v = 0; v < V; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + p * ldb + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * sam + p * sap]));
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
     }
-  });
-  return weights;
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
 }
 
-at::Tensor attention_softmax_backward(const at::Tensor& grad, const at::Tensor& weights, double scale) {
-  check_bf16(grad, "grad");
-  check_bf16(weights, "weights");
-  TORCH_CHECK(grad.sizes() == weights.sizes(), "grad and weights must have the same shape");
-  const int64_t keys = weights.size(-1), rows = weights.numel() / keys;
-  auto result = at::empty_like(grad);
-  const uint16_t *g = bf16_data(grad), *w = bf16_data(weights);
-  uint16_t* out = bf16_data_mut(result);
-  const float sc = static_cast<float>(scale);
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const uint16_t *g_row = g + r * keys, *w_row = w + r * keys;
-      __m512 dot = _mm512_setzero_ps();
-      for (int64_t j = 0; j < keys; j += 32) {
-        __m512 g_lo, g_hi, w_lo, w_hi;
-        load32(g_row + j, keys - j, g_lo, g_hi);
-        load32(w_row + j, keys - j, w_lo, w_hi);
-        dot = _mm512_fmadd_ps(g_lo, w_lo, _mm512_fmadd_ps(g_hi, w_hi, dot));
-      }
-      const __m512 d = _mm512_set1_ps(_mm512_reduce_add_ps(dot)), s = _mm512_set1_ps(sc);
-      for (int64_t j = 0; j < keys; j += 32) {
-        __m512 g_lo, g_hi, w_lo, w_hi;
-        load32(g_row + j, keys - j, g_lo, g_hi);
-        load32(w_row + j, keys - j, w_lo, w_hi);
-        store32(out + r * keys + j, keys - j, _mm512_mul_ps(_mm512_mul_ps(w_lo, s), _mm512_sub_ps(g_lo, d)),
-                _mm512_mul_ps(_mm512_mul_ps(w_hi, s), _mm512_sub_ps(g_hi, d)));
+template <int R>
+void pair_rows(int V, int64_t P, const uint32_t* a, int64_t sam, int64_t sap, const uint32_t* b, int64_t ldb,
+               float* c, int64_t ldc) {
+  switch (V) {
+    case 1: return pair_block<R, 1>(P, a, sam, sap, b, ldb, c, ldc);
+    case 2: return pair_block<R, 2>(P, a, sam, sap, b, ldb, c, ldc);
+    case 3: return pair_block<R, 3>(P, a, sam, sap, b, ldb, c, ldc);
+    default: return pair_block<R, 4>(P, a, sam, sap, b, ldb, c, ldc);
+  }
+}
+
+void pair_gemm(int64_t M, int64_t N, int64_t P, const uint32_t* a, int64_t sam, int64_t sap, const uint32_t* b,
+               int64_t ldb, float* c, int64_t ldc) {
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const int V = static_cast<int>(std::min<int64_t>(4, (N - n0 + 15) / 16));
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const uint32_t* am = a + m0 * sam;
+      float* cm = c + m0 * ldc + n0;
+      switch (std::min<int64_t>(4, M - m0)) {
+        case 1: pair_rows<1>(V, P, am, sam, sap, b + n0, ldb, cm, ldc); break;
+        case 2: pair_rows<2>(V, P, am, sam, sap, b + n0, ldb, cm, ldc); break;
+        case 3: pair_rows<3>(V, P, am, sam, sap, b + n0, ldb, cm, ldc); break;
+        default: pair_rows<4>(V, P, am, sam, sap, b + n0, ldb, cm, ldc);
       }
     }
+  }
+}
+
+// out[p, j] = pair p of row j (j < rows; columns up to ld are zero): the pair layout of X^T for X [rows, 2P]
+void transpose_pairs(const uint16_t* x, int64_t rows, int64_t stride, int64_t P, uint32_t* out, int64_t ld) {
+  for (int64_t p = 0; p < P; ++p) std::memset(out + p * ld + rows, 0, (ld - rows) * sizeof(uint32_t));
+  for (int64_t j = 0; j < rows; ++j) {
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(x + j * stride);
+    for (int64_t p = 0; p < P; ++p) out[p * ld + j] = row[p];
+  }
+}
+
+// out[r, n] = (X[2r, n], X[2r + 1, n]) for X [rows, N] (a missing last row reads as 0), r < ceil(rows / 2),
+// n < N; the pair layout of X as the right operand of a product reducing over its rows. ld >= N.
+void interleave_rows(const uint16_t* x, int64_t rows, int64_t stride, int64_t N, uint32_t* out, int64_t ld) {
+  static const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
+                                                 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  static const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  for (int64_t r = 0; r < (rows + 1) / 2; ++r) {
+    const uint16_t* x0 = x + 2 * r * stride;
+    const bool second = 2 * r + 1 < rows;
+    uint32_t* o = out + r * ld;
+    for (int64_t n = 0; n < ld; n += 32) {
+      const __mmask32 m = n < N ? first_lanes(N - n) : 0;
+      const __m512i a = _mm512_maskz_loadu_epi16(m, x0 + n);
+      const __m512i b = second ? _mm512_maskz_loadu_epi16(m, x0 + stride + n) : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(o + n, ld - n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ld - n)) - 1),
+                               _mm512_permutex2var_epi16(a, lo_idx, b));
+      if (ld - n > 16)
+        _mm512_mask_storeu_epi32(o + n + 16, ld - n >= 32 ? __mmask16(0xFFFF) : __mmask16((1u << (ld - n - 16)) - 1),
+                                 _mm512_permutex2var_epi16(a, hi_idx, b));
+    }
+  }
+}
+
+// The first n fp32 values at src as bf16 at dst.
+inline void store_row(uint16_t* dst, const float* src, int64_t n) {
+  for (int64_t j = 0; j < n; j += 32)
+    store32(dst + j, n - j, _mm512_loadu_ps(src + j), _mm512_loadu_ps(src + j + 16));
+}
+
+// Which keys query t may see: bit j of allowed[j / 32]; returns whether any is allowed.
+inline bool allowed_keys(const bool* mask, bool causal, int64_t T, int64_t S, int64_t t, __mmask32* allowed) {
+  const int64_t last = causal ? std::min(S, S - T + t + 1) : S;  // keys [0, last)
+  bool any = false;
+  for (int64_t j = 0; j < S; j += 32) {
+    __mmask32 m = last > j ? first_lanes(last - j) : 0;
+    if (mask) m &= _mm256_cmpneq_epi8_mask(_mm256_maskz_loadu_epi8(first_lanes(S - j), mask + j), _mm256_setzero_si256());
+    allowed[j / 32] = m;
+    any |= m != 0;
+  }
+  return any;
+}
+
+struct Dropout {
+  int64_t seed;
+  __m512i threshold;
+  __m512 scale;
+  bool on;
+  int64_t words;  // 64-key blocks per row
+  // keep bits of keys 32w .. 32w + 31 of row `row` (all kept without dropout)
+  __mmask32 keep(int64_t row, int64_t w) const {
+    if (!on) return ~__mmask32(0);
+    return static_cast<__mmask32>(draw_keep(seed, row * words + w / 2, threshold) >> (32 * (w % 2)));
+  }
+};
+
+struct Shape {
+  int64_t B, H, T, S, D;
+  int64_t Sp, Dp, S2, T2, P;  // S, D rounded up to 32 (row lengths of the buffers); pairs along S, T, D
+  Shape(int64_t B, int64_t H, int64_t T, int64_t S, int64_t D)
+      : B(B), H(H), T(T), S(S), D(D), Sp(round_up(S, 32)), Dp(round_up(D, 32)), S2((S + 1) / 2), T2((T + 1) / 2),
+        P(D / 2) {}
+};
+
+Dropout make_dropout(int64_t threshold, double scale, int64_t seed, int64_t S) {
+  TORCH_CHECK(threshold >= 0 && threshold < 256, "threshold must be in [0, 256)");
+  return {seed, _mm512_set1_epi8(static_cast<char>(threshold)), _mm512_set1_ps(static_cast<float>(scale)),
+          threshold > 0, (S + 63) / 64};
+}
+
+const bool* mask_data(const std::optional<at::Tensor>& key_mask, int64_t B, int64_t S) {
+  if (!key_mask.has_value()) return nullptr;
+  TORCH_CHECK(key_mask->scalar_type() == at::kBool && key_mask->is_contiguous() && key_mask->dim() == 2 &&
+                  key_mask->size(0) == B && key_mask->size(1) == S,
+              "key_mask must be a contiguous bool [B, S]");
+  return key_mask->data_ptr<bool>();
+}
+
+}  // namespace
+
+std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const std::optional<at::Tensor>& key_mask, bool causal, double scale,
+                                          int64_t threshold, double drop_scale, int64_t seed) {
+  const Heads hq(q, "q"), hk(k, "k"), hv(v, "v");
+  const Shape n(q.size(0), q.size(1), q.size(2), k.size(2), q.size(3));
+  TORCH_CHECK(n.D % 2 == 0 && k.size(3) == n.D && v.sizes() == k.sizes() && k.size(0) == n.B && k.size(1) == n.H,
+              "q [B, heads, T, D], k and v [B, heads, S, D] with an even D");
+  const bool* mask = mask_data(key_mask, n.B, n.S);
+  const Dropout drop = make_dropout(threshold, drop_scale, seed, n.S);
+  // context as [B, T, heads, D] (returned as its [B, heads, T, D] view); P for the backward
+  auto context = at::empty({n.B, n.T, n.H, n.D}, q.options());
+  auto probs = at::empty({n.B, n.H, n.T, n.S}, q.options());
+  const Heads ho(context.transpose(1, 2), "context");
+  uint16_t* pp = bf16_data_mut(probs);
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, n.B * n.H, 4, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> kt(n.P * n.Sp), vp(n.S2 * n.Dp), pd(n.T * n.S2);
+    std::vector<float> scores(n.T * n.Sp), out(n.T * n.Dp);
+    std::vector<__mmask32> allowed((n.S + 31) / 32);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / n.H, h = item % n.H;
+      transpose_pairs(hk.row(b, h, 0), n.S, hk.st, n.P, kt.data(), n.Sp);
+      interleave_rows(hv.row(b, h, 0), n.S, hv.st, n.D, vp.data(), n.Dp);
+      pair_gemm(n.T, n.S, n.P, reinterpret_cast<const uint32_t*>(hq.row(b, h, 0)), hq.st / 2, 1, kt.data(), n.Sp,
+                scores.data(), n.Sp);
+      uint16_t* pd16 = reinterpret_cast<uint16_t*>(pd.data());
+      for (int64_t t = 0; t < n.T; ++t) {
+        float* row = scores.data() + t * n.Sp;
+        uint16_t* p_out = pp + (item * n.T + t) * n.S;
+        uint16_t* d_out = pd16 + t * 2 * n.S2;
+        d_out[2 * n.S2 - 1] = 0;  // the pad of an odd S
+        if (!allowed_keys(mask ? mask + b * n.S : nullptr, causal, n.T, n.S, t, allowed.data())) {
+          std::memset(p_out, 0, n.S * sizeof(uint16_t));
+          std::memset(d_out, 0, 2 * n.S2 * sizeof(uint16_t));
+          continue;
+        }
+        __m512 high = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < n.S; j += 16) {
+          const __mmask16 m = static_cast<__mmask16>(allowed[j / 32] >> (j % 32));
+          high = _mm512_mask_max_ps(high, m, high, _mm512_mul_ps(_mm512_loadu_ps(row + j), _mm512_set1_ps(sc)));
+        }
+        const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(high));
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n.S; j += 16) {
+          const __mmask16 m = static_cast<__mmask16>(allowed[j / 32] >> (j % 32));
+          const __m512 e =
+              _mm512_maskz_mov_ps(m, exp_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), _mm512_set1_ps(sc), shift)));
+          total = _mm512_add_ps(total, e);
+          _mm512_storeu_ps(row + j, e);
+        }
+        const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+        for (int64_t j = 0; j < n.S; j += 32) {
+          const __m512 lo = _mm512_mul_ps(_mm512_loadu_ps(row + j), inverse);
+          const __m512 hi = _mm512_mul_ps(_mm512_loadu_ps(row + j + 16), inverse);
+          store32(p_out + j, n.S - j, lo, hi);
+          const __mmask32 keep = drop.keep(item * n.T + t, j / 32);
+          // dropout of the bf16-rounded P, as the tensor-op path drops the bf16 weights
+          __m512 rlo, rhi;
+          load32(p_out + j, n.S - j, rlo, rhi);
+          store32(d_out + j, n.S - j, _mm512_maskz_mul_ps(static_cast<__mmask16>(keep), rlo, drop.scale),
+                  _mm512_maskz_mul_ps(static_cast<__mmask16>(keep >> 16), rhi, drop.scale));
+        }
+      }
+      pair_gemm(n.T, n.D, n.S2, pd.data(), n.S2, 1, vp.data(), n.Dp, out.data(), n.Dp);
+      for (int64_t t = 0; t < n.T; ++t) store_row(ho.row(b, h, t), out.data() + t * n.Dp, n.D);
+    }
   });
-  return result;
+  return {context.transpose(1, 2), probs};
+}
+
+void attention_backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& probs, double scale, int64_t threshold, double drop_scale, int64_t seed,
+                        at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
+  const Heads hg(grad, "grad"), hq(q, "q"), hk(k, "k"), hv(v, "v");
+  const Heads gq(grad_q, "grad_q"), gk(grad_k, "grad_k"), gv(grad_v, "grad_v");
+  const Shape n(q.size(0), q.size(1), q.size(2), k.size(2), q.size(3));
+  check_bf16(probs, "probs");
+  TORCH_CHECK(probs.numel() == n.B * n.H * n.T * n.S && grad.sizes() == q.sizes() && grad_q.sizes() == q.sizes() &&
+                  grad_k.sizes() == k.sizes() && grad_v.sizes() == v.sizes(),
+              "attention_backward: shapes do not match");
+  const Dropout drop = make_dropout(threshold, drop_scale, seed, n.S);
+  const uint16_t* pp = bf16_data(probs);
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, n.B * n.H, 4, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> vt(n.P * n.Sp), kp(n.S2 * n.Dp), qp(n.T2 * n.Dp), gp(n.T2 * n.Dp);
+    std::vector<uint32_t> ds(n.T * n.S2), pd(n.T * n.S2), ds_pairs(n.T2 * n.Sp), pd_pairs(n.T2 * n.Sp);
+    std::vector<float> dp(n.T * n.Sp), out(std::max(n.T, n.S) * n.Dp);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / n.H, h = item % n.H;
+      transpose_pairs(hv.row(b, h, 0), n.S, hv.st, n.P, vt.data(), n.Sp);
+      pair_gemm(n.T, n.S, n.P, reinterpret_cast<const uint32_t*>(hg.row(b, h, 0)), hg.st / 2, 1, vt.data(), n.Sp,
+                dp.data(), n.Sp);
+      uint16_t* ds16 = reinterpret_cast<uint16_t*>(ds.data());
+      uint16_t* pd16 = reinterpret_cast<uint16_t*>(pd.data());
+      for (int64_t t = 0; t < n.T; ++t) {
+        const uint16_t* p_row = pp + (item * n.T + t) * n.S;
+        float* d_row = dp.data() + t * n.Sp;
+        __m512 dot = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n.S; j += 32) {  // dP = keep * dropscale * dPd (in place), sum_j P_j dP_j
+          const __mmask32 keep = drop.keep(item * n.T + t, j / 32);
+          __m512 plo, phi;
+          load32(p_row + j, n.S - j, plo, phi);
+          const __m512 lo = _mm512_maskz_mul_ps(static_cast<__mmask16>(keep), _mm512_loadu_ps(d_row + j), drop.scale);
+          const __m512 hi =
+              _mm512_maskz_mul_ps(static_cast<__mmask16>(keep >> 16), _mm512_loadu_ps(d_row + j + 16), drop.scale);
+          _mm512_storeu_ps(d_row + j, lo);
+          _mm512_storeu_ps(d_row + j + 16, hi);
+          dot = _mm512_fmadd_ps(plo, lo, _mm512_fmadd_ps(phi, hi, dot));
+          store32(pd16 + t * 2 * n.S2 + j, n.S - j, _mm512_maskz_mul_ps(static_cast<__mmask16>(keep), plo, drop.scale),
+                  _mm512_maskz_mul_ps(static_cast<__mmask16>(keep >> 16), phi, drop.scale));
+        }
+        const __m512 r = _mm512_set1_ps(_mm512_reduce_add_ps(dot)), s = _mm512_set1_ps(sc);
+        for (int64_t j = 0; j < n.S; j += 32) {
+          __m512 plo, phi;
+          load32(p_row + j, n.S - j, plo, phi);
+          store32(ds16 + t * 2 * n.S2 + j, n.S - j,
+                  _mm512_mul_ps(_mm512_mul_ps(plo, s), _mm512_sub_ps(_mm512_loadu_ps(d_row + j), r)),
+                  _mm512_mul_ps(_mm512_mul_ps(phi, s), _mm512_sub_ps(_mm512_loadu_ps(d_row + j + 16), r)));
+        }
+        if (n.S % 2) ds16[t * 2 * n.S2 + n.S] = pd16[t * 2 * n.S2 + n.S] = 0;  // the pad of an odd S
+      }
+      // dQ = dS K
+      interleave_rows(hk.row(b, h, 0), n.S, hk.st, n.D, kp.data(), n.Dp);
+      pair_gemm(n.T, n.D, n.S2, ds.data(), n.S2, 1, kp.data(), n.Dp, out.data(), n.Dp);
+      for (int64_t t = 0; t < n.T; ++t) store_row(gq.row(b, h, t), out.data() + t * n.Dp, n.D);
+      // dK = dS^T Q, dV = dropout(P)^T dO: products reducing over the queries
+      interleave_rows(ds16, n.T, 2 * n.S2, n.S, ds_pairs.data(), n.Sp);
+      interleave_rows(pd16, n.T, 2 * n.S2, n.S, pd_pairs.data(), n.Sp);
+      interleave_rows(hq.row(b, h, 0), n.T, hq.st, n.D, qp.data(), n.Dp);
+      interleave_rows(hg.row(b, h, 0), n.T, hg.st, n.D, gp.data(), n.Dp);
+      pair_gemm(n.S, n.D, n.T2, ds_pairs.data(), 1, n.Sp, qp.data(), n.Dp, out.data(), n.Dp);
+      for (int64_t j = 0; j < n.S; ++j) store_row(gk.row(b, h, j), out.data() + j * n.Dp, n.D);
+      pair_gemm(n.S, n.D, n.T2, pd_pairs.data(), 1, n.Sp, gp.data(), n.Dp, out.data(), n.Dp);
+      for (int64_t j = 0; j < n.S; ++j) store_row(gv.row(b, h, j), out.data() + j * n.Dp, n.D);
+    }
+  });
 }
 
 }  // namespace nmt

@@ -10,23 +10,11 @@
 #include <ATen/Parallel.h>
 
 #include "bf16_vec.h"
+#include "keep_bits.h"
 #include "kernels.h"
 
 namespace nmt {
 namespace {
-
-inline __m512i splitmix64(__m512i x) {
-  x = _mm512_add_epi64(x, _mm512_set1_epi64(0x9E3779B97F4A7C15ULL));
-  x = _mm512_mullo_epi64(_mm512_xor_si512(x, _mm512_srli_epi64(x, 30)), _mm512_set1_epi64(0xBF58476D1CE4E5B9ULL));
-  x = _mm512_mullo_epi64(_mm512_xor_si512(x, _mm512_srli_epi64(x, 27)), _mm512_set1_epi64(0x94D049BB133111EBULL));
-  return _mm512_xor_si512(x, _mm512_srli_epi64(x, 31));
-}
-
-// keep bits of elements 64k..64k+63: byte j of splitmix64(seed + 8k + l) decides element 64k + 8l + j
-inline __mmask64 draw_keep(int64_t seed, int64_t k, __m512i threshold) {
-  const __m512i words = _mm512_add_epi64(_mm512_set1_epi64(seed + k * 8), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
-  return _mm512_cmpge_epu8_mask(splitmix64(words), threshold);
-}
 
 // lo/hi (32 values) times s where the bits of m are set, 0 elsewhere
 inline void scale_where(__m512& lo, __m512& hi, __mmask32 m, __m512 s) {

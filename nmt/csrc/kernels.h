@@ -26,9 +26,14 @@ std::vector<at::Tensor> layer_norm_forward(const at::Tensor& x, const at::Tensor
 std::vector<at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
                                             const at::Tensor& rstd, const at::Tensor& weight);
 
-// attention.cpp: softmax(scale * scores) over the allowed keys (bf16 [B, heads, T, S]); its gradient
-at::Tensor attention_softmax_forward(const at::Tensor& scores, const std::optional<at::Tensor>& key_mask, bool causal,
-                                     double scale);
-at::Tensor attention_softmax_backward(const at::Tensor& grad, const at::Tensor& weights, double scale);
+// attention.cpp: multi-head attention of strided bf16 [B, heads, len, D] views -> (context as a
+// [B, heads, T, D] view of [B, T, heads, D], bf16 softmax weights [B, heads, T, S]); its gradients,
+// written into the given (strided) tensors
+std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const std::optional<at::Tensor>& key_mask, bool causal, double scale,
+                                          int64_t threshold, double drop_scale, int64_t seed);
+void attention_backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& probs, double scale, int64_t threshold, double drop_scale, int64_t seed,
+                        at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v);
 
 }  // namespace nmt

@@ -85,10 +85,17 @@ def _scale(bits: int, threshold: int) -> float:
     return resolution / (resolution - threshold)
 
 
+def byte_lane_rule(p: float) -> tuple[int, float] | None:
+    """(threshold, scale) of the compiled kernels' keep rule (8-bit lanes) when it is this module's rule
+    for p (p rounded to within 2% by 8 bits), else None."""
+    bits, threshold = _lane_bits_and_threshold(p)
+    return (threshold, _scale(bits, threshold)) if bits == 8 else None
+
+
 def _kernel_rule(x: torch.Tensor, residual: torch.Tensor | None, p: float) -> tuple[int, float] | None:
     """(threshold, scale) for `fused_dropout`'s kernels when they apply to x (and residual), else None."""
-    bits, threshold = _lane_bits_and_threshold(p)
-    return (threshold, _scale(bits, threshold)) if fused_dropout.usable(x, residual, bits) else None
+    rule = byte_lane_rule(p)
+    return rule if rule and fused_dropout.usable(x, residual) else None
 
 
 def _fast(x: torch.Tensor) -> bool:

@@ -21,14 +21,15 @@ import torch
 from nmt import cpu_kernels
 
 
-def _draw_seed() -> int:
+def draw_seed() -> int:
     """The kernel's seed for one call, from torch's default CPU generator (manual_seed, resume)."""
     return int(torch.randint(-(2**62), 2**62, (), dtype=torch.int64))
 
 
-def usable(x: torch.Tensor, residual: torch.Tensor | None, bits: int) -> bool:
-    """Whether `fused_dropout(x, residual, ...)` applies: bf16 CPU tensors of one shape, 8-bit lanes."""
-    if bits != 8 or (residual is not None and residual.shape != x.shape):
+def usable(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """Whether `fused_dropout(x, residual, ...)` applies: bf16 CPU tensors of one shape (with 8-bit lanes:
+    `dropout.byte_lane_rule`)."""
+    if residual is not None and residual.shape != x.shape:
         return False
     return cpu_kernels.usable_on(x, *([] if residual is None else [residual]))
 
@@ -37,7 +38,7 @@ class _FusedDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, residual: torch.Tensor | None, x: torch.Tensor, threshold: int,
                 scale: float) -> torch.Tensor:
-        seed = _draw_seed()
+        seed = draw_seed()
         residual = None if residual is None else residual.contiguous()
         out, bits = cpu_kernels.extension().dropout_forward(x.contiguous(), residual, threshold, scale, seed)
         ctx.save_for_backward(bits)
@@ -61,7 +62,7 @@ def fused_dropout(x: torch.Tensor, residual: torch.Tensor | None, threshold: int
 class _FusedReluDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
-        seed = _draw_seed()
+        seed = draw_seed()
         out = cpu_kernels.extension().relu_dropout_forward(x.contiguous(), threshold, scale, seed)
         ctx.save_for_backward(out)  # the next layer keeps it anyway: no extra memory
         ctx.scale = scale

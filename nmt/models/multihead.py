@@ -18,7 +18,7 @@ from torch import nn
 
 from nmt.config import Component, opt
 from nmt.errors import NmtError
-from nmt.models import attention_softmax
+from nmt.models import fused_attention
 from nmt.models.dropout import dropout as fast_dropout
 from nmt.models.interfaces import Attention
 from nmt.models.zoo import register_attention
@@ -54,9 +54,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
     64, its CPU backward measured 2-6x slower than the explicit path in bf16, while in fp32 it was
     1.3-2x faster) and for fp32 single-query decoding steps (torch 2.13, 2-core Sapphire Rapids; see
     `_sdpa_is_faster_on_cpu`). `use_sdpa` forces one (None = choose so); the explicit path also serves
-    every call that needs the weights, which SDPA does not return. In the explicit path, bf16 CPU tensors
-    take the scaled, masked softmax as one compiled kernel each way (`attention_softmax`) when the
-    weights are not asked for.
+    every call that needs the weights, which SDPA does not return. bf16 CPU training without the weights
+    takes the explicit path's formula as one compiled kernel each way (`fused_attention`).
     """
     if use_sdpa is None:
         use_sdpa = q.is_cuda or _sdpa_is_faster_on_cpu(q, k, v)
@@ -67,17 +66,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
         allowed = _allowed(key_mask, causal, queries, keys, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout), None
     scale = 1.0 / math.sqrt(q.size(-1))
-    weights = None
-    if not need_weights and attention_softmax.applies(q):  # bf16 CPU training: one kernel each way
-        dropped = attention_softmax.attention_softmax(torch.matmul(q, k.transpose(-2, -1)), key_mask, causal,
-                                                      scale)
-    else:
-        scores = torch.matmul(q * scale, k.transpose(-2, -1))
-        allowed = _allowed(key_mask, causal, queries, keys, q.device)
-        if allowed is not None:
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        weights = torch.softmax(scores, dim=-1, dtype=torch.float32)  # fp32 softmax of bf16 scores, no copy
-        dropped = weights.to(v.dtype)  # dropout in the matmul's dtype: half the memory traffic under bf16
+    if not use_sdpa and not need_weights and fused_attention.applies(q, k, v, dropout):  # bf16 CPU training
+        return fused_attention.fused_attention(q, k, v, key_mask, causal, scale, dropout), None
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))
+    allowed = _allowed(key_mask, causal, queries, keys, q.device)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32)  # fp32 softmax of bf16 scores, no copy
+    dropped = weights.to(v.dtype)  # dropout in the matmul's dtype: half the memory traffic under bf16
     if dropout > 0:
         dropped = fast_dropout(dropped, dropout)
     context = torch.matmul(dropped, v)
@@ -101,6 +97,17 @@ def check_divisible(size: int, heads: int, key: str) -> int:
     return size // heads
 
 
+def _halves_of_one_buffer(grad_k: torch.Tensor, grad_v: torch.Tensor, layout: tuple[int, ...]) -> bool:
+    """Whether grad_k and grad_v are the K and V halves of one contiguous `layout` [B, S, 2, heads, d_head]
+    tensor, each permuted to [B, heads, S, d_head] as `_SplitKV` splits its input."""
+    base = grad_k._base
+    if base is None or grad_v._base is not base or tuple(base.shape) != layout or not base.is_contiguous():
+        return False
+    k_half, v_half = base.permute(2, 0, 3, 1, 4)
+    return all(grad.data_ptr() == half.data_ptr() and grad.stride() == half.stride()
+               for grad, half in ((grad_k, k_half), (grad_v, v_half)))
+
+
 class _SplitKV(torch.autograd.Function):
     """kv [B, S, 2 * hidden] -> K, V [B, heads, S, d_head] as views. The backward writes both gradients
     into one [B, S, 2, heads, d_head] tensor, one strided copy each (`unbind`'s backward stacks them and
@@ -116,6 +123,8 @@ class _SplitKV(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_k: torch.Tensor, grad_v: torch.Tensor) -> tuple[torch.Tensor, None]:
         # autograd materialises the gradient of an unused output as zeros: both are tensors
+        if _halves_of_one_buffer(grad_k, grad_v, ctx.layout):  # written so by fused_attention's backward
+            return grad_k._base.view(ctx.layout[0], ctx.layout[1], -1), None
         grad = grad_k.new_empty(ctx.layout)
         grad[:, :, 0].copy_(grad_k.transpose(1, 2))
         grad[:, :, 1].copy_(grad_v.transpose(1, 2))
