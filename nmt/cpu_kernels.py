@@ -1,6 +1,6 @@
 """nmt's compiled CPU kernels, built at first use.
 
-bf16 dropout (+ residual), LayerNorm, the attention softmax and the cross-entropy's passes over the logits.
+bf16 dropout (+ residual), LayerNorm, multi-head attention and the cross-entropy's passes over the logits.
 
 The sources are in `nmt/csrc/`: AVX-512 code for bf16 tensors on CPUs with AVX512-BF16 (Intel Sapphire
 Rapids and later), parallel over torch's OpenMP threads. `extension()` compiles them once per torch

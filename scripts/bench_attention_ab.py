@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""In-process A/B of the attention path against an older tree's, for when whole-run A/B rounds drown in
+the machine's drift (docs/benchmarks.md, sixth round).
+
+    git worktree add --detach /tmp/ab_old af5bc78
+    .venv/bin/python scripts/bench_attention_ab.py /tmp/ab_old --steps 44
+
+Builds the library's Trainer once (Multi30k en-de, the d256 recipe, bf16, as `bench_train.py`) and runs
+every batch twice: once with this tree's `multihead.attend` / `_SplitKV`, once with the old tree's (its
+`attention_softmax` module bound to the old tree's kernels, built under another extension name),
+alternating which goes first. Prints the mean time per update of each and the per-update ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_train  # noqa: E402
+
+from nmt import cpu_kernels  # noqa: E402
+from nmt.allocator import tune_allocator  # noqa: E402
+from nmt.config import load_config  # noqa: E402
+from nmt.models import multihead  # noqa: E402
+
+
+def old_attention(tree: Path) -> tuple:
+    """(attend, _SplitKV) of the old tree at `tree`, its softmax kernel built from that tree's sources."""
+    from torch.utils.cpp_extension import load
+
+    kernels = load(name="nmt_old_kernels_ab", sources=[str(p) for p in sorted((tree / "nmt" / "csrc").glob("*.cpp"))],
+                   extra_cflags=cpu_kernels._COMPILE_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+    modules = {}
+    for name, replaced in (("attention_softmax", "from nmt import cpu_kernels"),
+                           ("multihead", "from nmt.models import attention_softmax")):
+        module = types.ModuleType(f"old_{name}")
+        sys.modules[module.__name__] = module
+        module.cpu_kernels = types.SimpleNamespace(extension=lambda: kernels, usable_on=cpu_kernels.usable_on)
+        module.attention_softmax = modules.get("attention_softmax")
+        source = (tree / "nmt" / "models" / f"{name}.py").read_text().replace(replaced, "")
+        exec(compile(source.replace('@register_attention("multihead", MultiHeadOptions)', ""), name, "exec"),
+             module.__dict__)
+        modules[name] = module
+    return modules["multihead"].attend, modules["multihead"]._SplitKV
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("old_tree", type=Path, help="a checkout of the older revision")
+    parser.add_argument("--steps", type=int, default=44)
+    parser.add_argument("--skip", type=int, default=4, help="first batches left out (warm-up)")
+    parser.add_argument("--data", default=str(bench_train.DEFAULT_DATA))
+    parser.add_argument("--cache", default="work/bench")
+    args = parser.parse_args()
+    tune_allocator()
+    from nmt.training.trainer import Trainer
+
+    variants = {"new": (multihead.attend, multihead._SplitKV), "old": old_attention(args.old_tree.resolve())}
+    cache = Path(args.cache).resolve()
+    overrides = bench_train.data_overrides(Path(args.data).resolve(), cache)
+    bench_train.ensure_data(ROOT / "configs/multi30k/transformer_d256_en_de.yaml", overrides,
+                            Path(overrides[-1].split("=", 1)[1]))
+    run_dir = tempfile.mkdtemp(prefix="ab-", dir=cache)
+    overrides += [f"train.run_dir={run_dir}", f"train.max_steps={args.steps}", "train.max_minutes=null",
+                  "train.max_epochs=0", f"train.valid_every={args.steps + 1}", f"train.log_every={args.steps + 1}",
+                  "train.precision=bf16"]
+    trainer = Trainer(load_config(ROOT / "configs/multi30k/transformer_d256_en_de.yaml", overrides), device="cpu",
+                      force=True, quiet=True)
+    update, times, count = trainer._update, {"old": [], "new": []}, [0]
+
+    def paired_update(batches):
+        count[0] += 1
+        for variant in ("old", "new") if count[0] % 2 else ("new", "old"):
+            multihead.attend, multihead._SplitKV = variants[variant]
+            t0 = time.perf_counter()
+            out = update(batches)
+            if count[0] > args.skip:
+                times[variant].append(time.perf_counter() - t0)
+        return out
+
+    trainer._update = paired_update
+    trainer.validate = lambda: {"loss": math.nan, "ppl": math.nan, "bleu": 0.0}
+    trainer._save = lambda name: None
+    trainer.train()
+    old, new = times["old"], times["new"]
+    ratios = [a / b for a, b in zip(old, new, strict=True)]
+    quartiles = statistics.quantiles(ratios, n=4)
+    print(f"updates {len(ratios)}: old {statistics.fmean(old) * 1e3:.0f} ms, new {statistics.fmean(new) * 1e3:.0f} ms, "
+          f"speed-up {sum(old) / sum(new):.3f} (per-update ratios: median {statistics.median(ratios):.3f}, "
+          f"quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f})")
+
+
+if __name__ == "__main__":
+    main()
