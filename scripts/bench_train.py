@@ -144,25 +144,33 @@ def current_rss_mb() -> float:
         return float("nan")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def benchmark_trainer(config: Path, data: Path, cache: Path, steps: int, precision: str,
+                      extra: list[str]) -> tuple[Any, Path]:
+    """(Trainer, its temporary run directory) for `steps` updates of CONFIG on Multi30k en-de from `data`
+    (preprocessed into `cache` once), `extra` config overrides last; validation is a stub and no
+    checkpoint is written (neither is what is measured)."""
     from nmt.training.trainer import Trainer
 
-    cache = Path(args.cache)
-    overrides = data_overrides(Path(args.data).resolve(), cache.resolve())
-    data_dir = Path(overrides[-1].split("=", 1)[1])
-    ensure_data(Path(args.config), overrides, data_dir)
-
+    overrides = data_overrides(data.resolve(), cache.resolve())
+    ensure_data(config, overrides, Path(overrides[-1].split("=", 1)[1]))
     run_dir = Path(tempfile.mkdtemp(prefix="bench-run-", dir=cache))
-    overrides += [f"train.run_dir={run_dir}", f"train.max_steps={args.steps}", "train.max_minutes=null",
-                  "train.max_epochs=0", f"train.valid_every={args.steps + 1}", f"train.log_every={args.steps + 1}",
-                  f"train.precision={args.precision}", *args.set]
-    cfg = load_config(args.config, overrides)
+    overrides += [f"train.run_dir={run_dir}", f"train.max_steps={steps}", "train.max_minutes=null",
+                  "train.max_epochs=0", f"train.valid_every={steps + 1}", f"train.log_every={steps + 1}",
+                  f"train.precision={precision}", *extra]
+    trainer = Trainer(load_config(config, overrides), device="cpu", force=True, quiet=True)
+    trainer.validate = lambda: {"loss": math.nan, "ppl": math.nan, "bleu": 0.0}
+    trainer._save = lambda name: None
+    return trainer, run_dir
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
-
     peaks_before = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
 
-    trainer = Trainer(cfg, device="cpu", force=True, quiet=True)
+    trainer, run_dir = benchmark_trainer(Path(args.config), Path(args.data), Path(args.cache), args.steps,
+                                         args.precision, args.set)
+    cfg = trainer.cfg
     dims = model_dims(cfg)
     vocab = trainer.tgt_tok.vocab_size
     steps: list[dict[str, float]] = []
@@ -194,8 +202,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return out
 
     trainer._update = timed_update
-    trainer.validate = lambda: {"loss": math.nan, "ppl": math.nan, "bleu": 0.0}  # not measured
-    trainer._save = lambda name: None  # no checkpoints
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0

@@ -239,8 +239,8 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
           // dropout of the bf16-rounded P, as the tensor-op path drops the bf16 weights
           __m512 rlo, rhi;
           load32(p_out + j, n.S - j, rlo, rhi);
-          store32(d_out + j, n.S - j, _mm512_maskz_mul_ps(static_cast<__mmask16>(keep), rlo, drop.scale),
-                  _mm512_maskz_mul_ps(static_cast<__mmask16>(keep >> 16), rhi, drop.scale));
+          scale_where(rlo, rhi, keep, drop.scale);
+          store32(d_out + j, n.S - j, rlo, rhi);
         }
       }
       pair_gemm(n.T, n.D, n.S2, pd.data(), n.S2, 1, vp.data(), n.Dp, out.data(), n.Dp);
@@ -282,14 +282,13 @@ void attention_backward(const at::Tensor& grad, const at::Tensor& q, const at::T
           const __mmask32 keep = drop.keep(item * n.T + t, j / 32);
           __m512 plo, phi;
           load32(p_row + j, n.S - j, plo, phi);
-          const __m512 lo = _mm512_maskz_mul_ps(static_cast<__mmask16>(keep), _mm512_loadu_ps(d_row + j), drop.scale);
-          const __m512 hi =
-              _mm512_maskz_mul_ps(static_cast<__mmask16>(keep >> 16), _mm512_loadu_ps(d_row + j + 16), drop.scale);
+          __m512 lo = _mm512_loadu_ps(d_row + j), hi = _mm512_loadu_ps(d_row + j + 16);
+          scale_where(lo, hi, keep, drop.scale);
           _mm512_storeu_ps(d_row + j, lo);
           _mm512_storeu_ps(d_row + j + 16, hi);
           dot = _mm512_fmadd_ps(plo, lo, _mm512_fmadd_ps(phi, hi, dot));
-          store32(pd16 + t * 2 * n.S2 + j, n.S - j, _mm512_maskz_mul_ps(static_cast<__mmask16>(keep), plo, drop.scale),
-                  _mm512_maskz_mul_ps(static_cast<__mmask16>(keep >> 16), phi, drop.scale));
+          scale_where(plo, phi, keep, drop.scale);  // dropout(P), for dV
+          store32(pd16 + t * 2 * n.S2 + j, n.S - j, plo, phi);
         }
         const __m512 r = _mm512_set1_ps(_mm512_reduce_add_ps(dot)), s = _mm512_set1_ps(sc);
         for (int64_t j = 0; j < n.S; j += 32) {

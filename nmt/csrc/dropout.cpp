@@ -16,12 +16,6 @@
 namespace nmt {
 namespace {
 
-// lo/hi (32 values) times s where the bits of m are set, 0 elsewhere
-inline void scale_where(__m512& lo, __m512& hi, __mmask32 m, __m512 s) {
-  lo = _mm512_maskz_mul_ps(static_cast<__mmask16>(m), lo, s);
-  hi = _mm512_maskz_mul_ps(static_cast<__mmask16>(m >> 16), hi, s);
-}
-
 // For each block of 64 elements: keep = keep_of(block); out = (keep ? in * s : 0), then epilogue(lo, hi,
 // offset, count) may change the 32 values of each half before they are stored as bf16.
 template <typename KeepOf, typename Epilogue>

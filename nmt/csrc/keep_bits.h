@@ -21,4 +21,10 @@ inline __mmask64 draw_keep(int64_t seed, int64_t k, __m512i threshold) {
   return _mm512_cmpge_epu8_mask(splitmix64(words), threshold);
 }
 
+// lo/hi (32 values) times s where the bits of m are set, 0 elsewhere
+inline void scale_where(__m512& lo, __m512& hi, __mmask32 m, __m512 s) {
+  lo = _mm512_maskz_mul_ps(static_cast<__mmask16>(m), lo, s);
+  hi = _mm512_maskz_mul_ps(static_cast<__mmask16>(m >> 16), hi, s);
+}
+
 }  // namespace nmt

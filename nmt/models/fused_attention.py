@@ -45,7 +45,7 @@ class _FusedAttention(torch.autograd.Function):
         grad_q = q.new_empty(b, t, h, d).transpose(1, 2)  # the layout of the query projection's rows
         grad_kv = k.new_empty(b, s, 2, h, d)  # K and V side by side, as the joint K|V projection has them
         grad_k, grad_v = grad_kv.permute(2, 0, 3, 1, 4)
-        if grad.stride(-1) != 1 or any(stride % 2 for stride in grad.stride()):
+        if not _even_rows(grad):
             grad = grad.contiguous()
         cpu_kernels.extension().attention_backward(grad, q, k, v, probs, *ctx.settings, grad_q, grad_k, grad_v)
         return grad_q, grad_k, grad_v, None, None, None, None, None

@@ -66,7 +66,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
         allowed = _allowed(key_mask, causal, queries, keys, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout), None
     scale = 1.0 / math.sqrt(q.size(-1))
-    if not use_sdpa and not need_weights and fused_attention.applies(q, k, v, dropout):  # bf16 CPU training
+    if not need_weights and fused_attention.applies(q, k, v, dropout):  # bf16 CPU training
         return fused_attention.fused_attention(q, k, v, key_mask, causal, scale, dropout), None
     scores = torch.matmul(q * scale, k.transpose(-2, -1))
     allowed = _allowed(key_mask, causal, queries, keys, q.device)
@@ -97,13 +97,18 @@ def check_divisible(size: int, heads: int, key: str) -> int:
     return size // heads
 
 
+def _heads_of_kv(kv: torch.Tensor) -> torch.Tensor:
+    """[B, S, 2, heads, d_head] -> [2, B, heads, S, d_head] (a view): K and V split into heads."""
+    return kv.permute(2, 0, 3, 1, 4)
+
+
 def _halves_of_one_buffer(grad_k: torch.Tensor, grad_v: torch.Tensor, layout: tuple[int, ...]) -> bool:
     """Whether grad_k and grad_v are the K and V halves of one contiguous `layout` [B, S, 2, heads, d_head]
     tensor, each permuted to [B, heads, S, d_head] as `_SplitKV` splits its input."""
     base = grad_k._base
     if base is None or grad_v._base is not base or tuple(base.shape) != layout or not base.is_contiguous():
         return False
-    k_half, v_half = base.permute(2, 0, 3, 1, 4)
+    k_half, v_half = _heads_of_kv(base)
     return all(grad.data_ptr() == half.data_ptr() and grad.stride() == half.stride()
                for grad, half in ((grad_k, k_half), (grad_v, v_half)))
 
@@ -117,7 +122,7 @@ class _SplitKV(torch.autograd.Function):
     def forward(ctx: Any, kv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         b, s, size = kv.shape
         ctx.layout = (b, s, 2, heads, size // (2 * heads))
-        k, v = kv.view(ctx.layout).permute(2, 0, 3, 1, 4)
+        k, v = _heads_of_kv(kv.view(ctx.layout))
         return k, v
 
     @staticmethod
