@@ -132,6 +132,23 @@ def forward_flops(dims: dict[str, int], vocab: int, src_len: torch.Tensor, tgt_l
 # ----------------------------------------------------------------------------------------------
 
 
+def print_matmul_shapes(profiler: Any, updates: int, rows: int = 40) -> None:
+    """The profiled mm / addmm / bmm calls by input shape: ms per update, calls per update, TFLOP/s."""
+    found = []
+    for event in profiler.key_averages(group_by_input_shape=True):
+        shapes = event.input_shapes
+        if event.key == "aten::addmm":
+            shapes = shapes[1:]  # (bias, a, b)
+        if event.key not in ("aten::mm", "aten::addmm", "aten::bmm") or not event.self_cpu_time_total:
+            continue
+        a, b = shapes[0], shapes[1]
+        flops = 2 * math.prod(a) * b[-1] * event.count
+        found.append((event.self_cpu_time_total / 1e3 / updates, event.count / updates,
+                      flops / (event.self_cpu_time_total / 1e6) / 1e12, event.key, a, b))
+    for ms, calls, tflops, key, a, b in sorted(found, reverse=True)[:rows]:
+        print(f"{ms:7.2f} ms/update {calls:5.1f} calls {tflops:5.2f} TFLOP/s  {key} {a} x {b}", file=sys.stderr)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -181,7 +198,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def timed_update(batches):
         nonlocal profiler
         if args.profile and len(steps) == args.warmup:
-            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                              record_shapes=args.profile_shapes)
             profiler.__enter__()
         t0 = time.perf_counter()
         out = update(batches)
@@ -190,6 +208,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             profiler.__exit__(None, None, None)
             print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows),
                   file=sys.stderr)
+            if args.profile_shapes:
+                print_matmul_shapes(profiler, args.profile)
             profiler = None
         record = {"seconds": seconds, "loss": out[0], "tgt": 0, "src": 0, "cells": 0, "flops": 0.0}
         for b in batches:
@@ -251,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="profile N updates after the warm-up ones (torch.profiler table on stderr; "
                              "those updates are slower)")
     parser.add_argument("--profile-rows", type=int, default=30)
+    parser.add_argument("--profile-shapes", action="store_true",
+                        help="with --profile: also each matmul shape's time per update and TFLOP/s")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--malloc-defaults", action="store_true",
                         help="keep glibc's malloc settings (nmt's CLI tunes them: nmt/allocator.py)")
