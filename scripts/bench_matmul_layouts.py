@@ -25,24 +25,23 @@ TOKENS = 4075
 BF16 = torch.bfloat16
 
 
-def best_of(f, n: int = 5) -> float:
+def run_times(f, n: int) -> list[float]:
+    """Seconds of n calls of f, after one untimed call."""
     f()
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
         f()
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return times
+
+
+def best_of(f, n: int = 5) -> float:
+    return min(run_times(f, n))
 
 
 def median_time(f, n: int = 30) -> float:
-    f()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(run_times(f, n))
 
 
 def weight_gradient_layouts(rounds: int = 8) -> None:
