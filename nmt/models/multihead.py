@@ -21,6 +21,7 @@ from nmt.errors import NmtError
 from nmt.models import fused_attention
 from nmt.models.dropout import dropout as fast_dropout
 from nmt.models.interfaces import Attention
+from nmt.models.linear import linear
 from nmt.models.zoo import register_attention
 
 
@@ -162,7 +163,7 @@ class MultiHeadAttention(nn.Module):
 
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """memory [B, S, memory_size] -> K, V each [B, heads, S, d_head]."""
-        return self.split_kv(self.kv_proj(memory))
+        return self.split_kv(linear(self.kv_proj, memory))
 
     def forward(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 key_mask: torch.Tensor | None = None, causal: bool = False,
@@ -170,10 +171,10 @@ class MultiHeadAttention(nn.Module):
         """query [B, T, query_size] over K/V [B, heads, S, d_head] ->
         (output [B, T, output_size], weights [B, heads, T, S] or None); see `attend`."""
         b, t, _ = query.shape
-        q = self.q_proj(query).view(b, t, self.heads, self.d_head).transpose(1, 2)
+        q = linear(self.q_proj, query).view(b, t, self.heads, self.d_head).transpose(1, 2)
         dropout = self.dropout if self.training else 0.0
         context, weights = attend(q, k, v, key_mask, causal, dropout, need_weights)
-        return self.out_proj(context.transpose(1, 2).reshape(b, t, -1)), weights
+        return linear(self.out_proj, context.transpose(1, 2).reshape(b, t, -1)), weights
 
 
 @dataclass
@@ -196,7 +197,7 @@ class MultiHead(Attention):
 
     def precompute(self, memory: torch.Tensor) -> torch.Tensor:
         """memory [B, S, H] -> projected K|V [B, S, 2 * hidden], once per sentence."""
-        return self.core.kv_proj(memory)
+        return linear(self.core.kv_proj, memory)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, memory: torch.Tensor,
                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

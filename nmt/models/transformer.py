@@ -28,6 +28,7 @@ from nmt.errors import NmtError
 from nmt.models.dropout import Dropout, dropout_add, relu_dropout
 from nmt.models.interfaces import Decoder, DecoderState, Encoder, EncoderOutput
 from nmt.models.layer_norm import LayerNorm
+from nmt.models.linear import linear
 from nmt.models.multihead import MultiHeadAttention, check_divisible
 from nmt.models.zoo import register_decoder, register_encoder
 
@@ -149,8 +150,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation is F.relu:  # one pass for both where the fused kernel applies
-            return self.outer(relu_dropout(self.inner(x), self.dropout.p, self.training))
-        return self.outer(self.dropout(self.activation(self.inner(x))))
+            return linear(self.outer, relu_dropout(linear(self.inner, x), self.dropout.p, self.training))
+        return linear(self.outer, self.dropout(self.activation(linear(self.inner, x))))
 
 
 def _self_attention(options: TransformerOptions) -> MultiHeadAttention:

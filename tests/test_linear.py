@@ -1,0 +1,61 @@
+"""nmt.models.linear: oneDNN's linear (bias in the epilogue) against the layer's own autocast path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nmt.models import linear as linear_module
+from nmt.models.linear import linear
+
+needs_op = pytest.mark.skipif(linear_module._fused_op() is None, reason="torch without a usable mkldnn linear op")
+
+
+def outputs_and_gradients(layer: nn.Linear, x: torch.Tensor, grad: torch.Tensor, call) -> list[torch.Tensor]:
+    layer.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = call(layer, x)
+    y.backward(grad)
+    grads = [x.grad, layer.weight.grad] + ([] if layer.bias is None else [layer.bias.grad])
+    return [y, *grads]
+
+
+@needs_op
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_values_and_gradients_equal_the_layers_autocast_path(bias, x_dtype):
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 80, bias=bias)
+    x = torch.randn(3, 37, 48).to(x_dtype)
+    grad = torch.randn(3, 37, 80).bfloat16()
+    fused = outputs_and_gradients(layer, x, grad, linear)
+    plain = outputs_and_gradients(layer, x, grad, lambda module, inputs: module(inputs))
+    assert fused[0].dtype == plain[0].dtype == torch.bfloat16
+    for a, b in zip(fused, plain, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
+    assert fused[0].grad_fn.name().endswith("_FusedBiasLinearBackward")
+
+
+@needs_op
+def test_frozen_input_and_weight():
+    layer = nn.Linear(16, 8)
+    layer.weight.requires_grad_(False)
+    x = torch.randn(5, 16)  # no grad
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear(layer, x)
+    y.float().sum().backward()
+    assert layer.weight.grad is None and layer.bias.grad is not None
+
+
+def test_other_cases_call_the_layer():
+    layer = nn.Linear(16, 8)
+    x = torch.randn(4, 16, requires_grad=True)
+    assert linear(layer, x).grad_fn.name() == "AddmmBackward0"  # fp32: no autocast
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(linear(layer, x), layer(x), rtol=0, atol=0)
+    quantized = torch.ao.quantization.quantize_dynamic(nn.Sequential(layer), {nn.Linear}, dtype=torch.qint8)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(linear(quantized, x), quantized(x), rtol=0, atol=0)
