@@ -8,16 +8,14 @@ the machine's drift (docs/benchmarks.md, sixth round).
 Builds the library's Trainer once (Multi30k en-de, the d256 recipe, bf16, as `bench_train.py`) and runs
 every batch twice: once with this tree's `multihead.attend` / `_SplitKV`, once with the old tree's (its
 `attention_softmax` module bound to the old tree's kernels, built under another extension name),
-alternating which goes first. Prints the mean time per update of each and the per-update ratios.
+alternating which goes first (`bench_ab.py`'s loop). Prints the mean time per update of each and the
+per-update ratios.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
-import statistics
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -25,10 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import bench_train  # noqa: E402
+import bench_ab  # noqa: E402
 
 from nmt import cpu_kernels  # noqa: E402
-from nmt.allocator import tune_allocator  # noqa: E402
 from nmt.models import multihead  # noqa: E402
 
 
@@ -55,36 +52,17 @@ def old_attention(tree: Path) -> tuple:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("old_tree", type=Path, help="a checkout of the older revision")
-    parser.add_argument("--steps", type=int, default=44)
-    parser.add_argument("--skip", type=int, default=4, help="first batches left out (warm-up)")
-    parser.add_argument("--data", default=str(bench_train.DEFAULT_DATA))
-    parser.add_argument("--cache", default="work/bench")
+    bench_ab.add_common_arguments(parser)
     args = parser.parse_args()
-    tune_allocator()
-    variants = {"new": (multihead.attend, multihead._SplitKV), "old": old_attention(args.old_tree.resolve())}
-    config = ROOT / "configs/multi30k/transformer_d256_en_de.yaml"
-    trainer, run_dir = bench_train.benchmark_trainer(config, Path(args.data), Path(args.cache), args.steps, "bf16", [])
-    update, times, count = trainer._update, {"old": [], "new": []}, [0]
+    implementations = {"old": old_attention(args.old_tree.resolve()), "new": (multihead.attend, multihead._SplitKV)}
 
-    def paired_update(batches):
-        count[0] += 1
-        for variant in ("old", "new") if count[0] % 2 else ("new", "old"):
-            multihead.attend, multihead._SplitKV = variants[variant]
-            t0 = time.perf_counter()
-            out = update(batches)
-            if count[0] > args.skip:
-                times[variant].append(time.perf_counter() - t0)
-        return out
+    def use(name: str):
+        def apply() -> None:
+            multihead.attend, multihead._SplitKV = implementations[name]
+        return apply
 
-    trainer._update = paired_update
-    trainer.train()
-    shutil.rmtree(run_dir, ignore_errors=True)
-    old, new = times["old"], times["new"]
-    ratios = [a / b for a, b in zip(old, new, strict=True)]
-    quartiles = statistics.quantiles(ratios, n=4)
-    print(f"updates {len(ratios)}: old {statistics.fmean(old) * 1e3:.0f} ms, new {statistics.fmean(new) * 1e3:.0f} ms, "
-          f"speed-up {sum(old) / sum(new):.3f} (per-update ratios: median {statistics.median(ratios):.3f}, "
-          f"quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f})")
+    print(bench_ab.report(bench_ab.paired_times({name: use(name) for name in implementations}, args.steps,
+                                                args.skip, args.data, args.cache)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""In-process paired A/B of two variants of the training step, for when whole-run A/B rounds drown in
+the machine's drift (docs/benchmarks.md, sixth round).
+
+    .venv/bin/python scripts/bench_ab.py --switch fused-linear --steps 30
+    .venv/bin/python scripts/bench_ab.py --attr nmt.training.loss:FUSED_BLOCK_ROWS=256,1024 --steps 30
+
+Builds the library's Trainer once (Multi30k en-de, the d256 recipe, bf16, as `bench_train.py`) and runs
+every batch twice, once with each variant, alternating which goes first; prints the mean time per
+update of each and the per-update ratios. `--switch NAME` turns one of the library's fast paths off (A)
+and on (B); `--attr MODULE:NAME=A,B` sets a module-level integer to A, then B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_train  # noqa: E402
+
+from nmt.allocator import tune_allocator  # noqa: E402
+
+CONFIG = ROOT / "configs/multi30k/transformer_d256_en_de.yaml"
+
+
+def _fused_linear() -> dict[str, Callable[[], None]]:
+    from nmt.models import linear
+
+    on = linear._applies
+    return {"off": lambda: setattr(linear, "_applies", lambda layer, x: False),
+            "on": lambda: setattr(linear, "_applies", on)}
+
+
+SWITCHES = {"fused-linear": _fused_linear}
+
+
+def attr_variants(spec: str) -> dict[str, Callable[[], None]]:
+    """MODULE:NAME=A,B -> {"NAME=A": set it to A, "NAME=B": set it to B}."""
+    target, values = spec.split("=", 1)
+    module_name, name = target.split(":")
+    module = importlib.import_module(module_name)
+    return {f"{name}={v}": (lambda v=int(v): setattr(module, name, v)) for v in values.split(",")}
+
+
+def paired_times(variants: dict[str, Callable[[], None]], steps: int, skip: int, data: str,
+                 cache: str) -> dict[str, list[float]]:
+    """Seconds per update of each of the two variants (each applied by its callable right before its
+    run of a batch), over the same batches, after the first `skip` batches."""
+    tune_allocator()
+    trainer, run_dir = bench_train.benchmark_trainer(CONFIG, Path(data), Path(cache), steps, "bf16", [])
+    update, times, count = trainer._update, {name: [] for name in variants}, [0]
+    names = list(variants)
+
+    def paired_update(batches):
+        count[0] += 1
+        for name in names if count[0] % 2 else names[::-1]:
+            variants[name]()
+            t0 = time.perf_counter()
+            out = update(batches)
+            if count[0] > skip:
+                times[name].append(time.perf_counter() - t0)
+        return out
+
+    trainer._update = paired_update
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return times
+
+
+def report(times: dict[str, list[float]]) -> str:
+    """One line: mean ms per update of A and B, the speed-up of B, and the per-update ratios A/B."""
+    (a_name, a), (b_name, b) = times.items()
+    ratios = [x / y for x, y in zip(a, b, strict=True)]
+    quartiles = statistics.quantiles(ratios, n=4)
+    return (f"updates {len(ratios)}: {a_name} {statistics.fmean(a) * 1e3:.0f} ms, {b_name} "
+            f"{statistics.fmean(b) * 1e3:.0f} ms, speed-up of {b_name} {sum(a) / sum(b):.3f} (per-update ratios: "
+            f"median {statistics.median(ratios):.3f}, quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f})")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--skip", type=int, default=4, help="first batches left out (warm-up)")
+    parser.add_argument("--data", default=str(bench_train.DEFAULT_DATA))
+    parser.add_argument("--cache", default="work/bench")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    choice = parser.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--switch", choices=sorted(SWITCHES), help="a fast path: off (A) vs on (B)")
+    choice.add_argument("--attr", metavar="MODULE:NAME=A,B", help="a module-level integer: A vs B")
+    add_common_arguments(parser)
+    args = parser.parse_args()
+    variants = SWITCHES[args.switch]() if args.switch else attr_variants(args.attr)
+    print(report(paired_times(variants, args.steps, args.skip, args.data, args.cache)))
+
+
+if __name__ == "__main__":
+    main()
