@@ -132,16 +132,24 @@ def forward_flops(dims: dict[str, int], vocab: int, src_len: torch.Tensor, tgt_l
 # ----------------------------------------------------------------------------------------------
 
 
+# profiler op name -> (left, right) operand shapes of the product, from its input shapes
+MATMUL_OPS = {
+    "aten::mm": lambda shapes: (shapes[0], shapes[1]),
+    "aten::bmm": lambda shapes: (shapes[0], shapes[1]),
+    "aten::addmm": lambda shapes: (shapes[1], shapes[2]),  # (bias, a, b)
+    "mkldnn::_linear_pointwise": lambda shapes: (shapes[0], shapes[1][::-1]),  # (x, weight [out, in], bias)
+}
+
+
 def print_matmul_shapes(profiler: Any, updates: int, rows: int = 40) -> None:
-    """The profiled mm / addmm / bmm calls by input shape: ms per update, calls per update, TFLOP/s."""
+    """The profiled mm / addmm / bmm / oneDNN linear calls by input shape: ms per update, calls per
+    update, TFLOP/s."""
     found = []
     for event in profiler.key_averages(group_by_input_shape=True):
         shapes = event.input_shapes
-        if event.key == "aten::addmm":
-            shapes = shapes[1:]  # (bias, a, b)
-        if event.key not in ("aten::mm", "aten::addmm", "aten::bmm") or not event.self_cpu_time_total:
+        if event.key not in MATMUL_OPS or not event.self_cpu_time_total:
             continue
-        a, b = shapes[0], shapes[1]
+        a, b = MATMUL_OPS[event.key](shapes)
         flops = 2 * math.prod(a) * b[-1] * event.count
         found.append((event.self_cpu_time_total / 1e3 / updates, event.count / updates,
                       flops / (event.self_cpu_time_total / 1e6) / 1e12, event.key, a, b))
