@@ -22,8 +22,11 @@ from torch import nn
 
 @functools.cache
 def _fused_op() -> Any | None:
-    """oneDNN's linear op, when this torch has it and it runs bf16 here (tried once on a small input)."""
+    """oneDNN's linear op, when this torch has it and this CPU runs oneDNN's bf16 kernels (the check torch
+    makes before its own bf16 matmuls go to oneDNN), tried once on a small input."""
     try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return None
         op = torch.ops.mkldnn._linear_pointwise
         x, w, b = (torch.ones(shape, dtype=torch.bfloat16) for shape in ((2, 32), (16, 32), (16,)))
         if not torch.equal(op(x, w, b, "none", [], ""), torch.nn.functional.linear(x, w, b)):

@@ -107,7 +107,7 @@ class InputLayer(nn.Module):
         steps = torch.arange(x.size(1), device=x.device)
         positions = steps if start is None else start[:, None] + steps  # [T] or [B, T]
         table = self.position_table(past + x.size(1))
-        x = self.project(x) + table[positions].to(x.dtype)
+        x = linear(self.project, x) + table[positions].to(x.dtype)
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         return self.dropout(x)
