@@ -6,8 +6,8 @@ took 2.5 ms for a [4096, 1024] output on 2 Sapphire Rapids cores, about as long 
 oneDNN's linear primitive, which torch exposes as `torch.ops.mkldnn._linear_pointwise` (the op its own
 compiler emits for CPU linears), adds the bias in the matmul's epilogue; it has no backward, so
 `_FusedBiasLinear` gives it the one `addmm`'s autograd would (same operations, same bf16 roundings).
-Measured in the d256 recipe's training step (docs/benchmarks.md): the forward's outputs equal, the step
-about 4% faster. Every other case (fp32, fp16, no grad, GPUs, quantized layers, a torch without that
+Measured in the d256 recipe's training step (docs/benchmarks.md): outputs and gradients equal, the step
+3-4% faster. Every other case (fp32, fp16, no grad, GPUs, quantized layers, a torch without that
 op) calls the layer itself.
 """
 
