@@ -1,8 +1,9 @@
 """`linear(layer, x)`: a Linear layer of a bf16 CPU training step with its bias added inside the matmul.
 
 Under bf16 autocast torch's CPU `addmm` adds the bias by first copying it into every row of the output
-and then running the matmul with beta = 1, so the output is written and read once more (the copy alone
-took 2.5 ms for a [4096, 1024] output on 2 Sapphire Rapids cores, about as long as the matmul).
+and then running the matmul with beta = 1, so the output is written and read once more (in profiles of
+the d256 recipe's training step on 2 Sapphire Rapids cores, `aten::copy_` took 24 ms per update before
+this path and 10 ms after; docs/benchmarks.md, seventh round).
 oneDNN's linear primitive, which torch exposes as `torch.ops.mkldnn._linear_pointwise` (the op its own
 compiler emits for CPU linears), adds the bias in the matmul's epilogue; it has no backward, so
 `_FusedBiasLinear` gives it the one `addmm`'s autograd would (same operations, same bf16 roundings).
