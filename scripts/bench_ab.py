@@ -45,11 +45,19 @@ SWITCHES = {"fused-linear": _fused_linear}
 
 
 def attr_variants(spec: str) -> dict[str, Callable[[], None]]:
-    """MODULE:NAME=A,B -> {"NAME=A": set it to A, "NAME=B": set it to B}."""
-    target, values = spec.split("=", 1)
-    module_name, name = target.split(":")
-    module = importlib.import_module(module_name)
-    return {f"{name}={v}": (lambda v=int(v): setattr(module, name, v)) for v in values.split(",")}
+    """MODULE:NAME=A,B -> {"NAME=A": set it to A, "NAME=B": set it to B}; ValueError saying what is wrong."""
+    target, _, values = spec.partition("=")
+    module_name, _, name = target.partition(":")
+    numbers = values.split(",")
+    if not (module_name and name and len(numbers) == 2 and all(v.strip().lstrip("-").isdigit() for v in numbers)):
+        raise ValueError(f"--attr {spec!r}: expected MODULE:NAME=A,B with two integers A, B")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"--attr {spec!r}: cannot import {module_name}: {error}") from None
+    if not isinstance(getattr(module, name, None), int):
+        raise ValueError(f"--attr {spec!r}: {module_name} has no integer {name}")
+    return {f"{name}={v.strip()}": (lambda v=int(v): setattr(module, name, v)) for v in numbers}
 
 
 def paired_times(variants: dict[str, Callable[[], None]], steps: int, skip: int, data: str,
@@ -103,7 +111,10 @@ def main() -> None:
     choice.add_argument("--attr", metavar="MODULE:NAME=A,B", help="a module-level integer: A vs B")
     add_common_arguments(parser)
     args = parser.parse_args()
-    variants = SWITCHES[args.switch]() if args.switch else attr_variants(args.attr)
+    try:
+        variants = SWITCHES[args.switch]() if args.switch else attr_variants(args.attr)
+    except ValueError as error:
+        parser.error(str(error))
     print(report(paired_times(variants, args.steps, args.skip, args.data, args.cache)))
 
 
