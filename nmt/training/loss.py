@@ -166,8 +166,15 @@ def _fused_blocks(rows: int, device: torch.device) -> list[slice]:
     return [slice(start, start + step) for start in range(0, rows, step)]
 
 
-def _block_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t())
+def _logits_operand(w: torch.Tensor) -> torch.Tensor:
+    """w^T [H, V], the right operand of every block's logits: on the CPU a row-major copy, made once per
+    pass (oneDNN's bf16 matmul of [256, 256] x [256, 8000] runs 1.5-2.5x faster with it than with the
+    transposed view of w; in the d256 recipe's training step the copy makes the update ~3% faster)."""
+    return w.t().contiguous() if w.device.type == "cpu" else w.t()
+
+
+def _block_logits(h: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return torch.mm(h, wt) if b is None else torch.addmm(b, h, wt)
 
 
 def _row_terms(z: torch.Tensor, target: torch.Tensor,
@@ -208,10 +215,10 @@ def _kernels_for(h: torch.Tensor, w: torch.Tensor) -> Any | None:
 
 class _GradientSums:
     """The [rows, V] part of the output layer's gradient, P = scale * softmax(z) - k * onehot(y) on real rows
-    (0 on padding rows), taken block by block of rows and multiplied out at once: P w -> [rows, H],
+    (0 on padding rows), written block by block of rows and multiplied out: P w -> [rows, H],
     P^T h -> [V, H] (fp32), sum_rows P -> [V] (fp32), for whichever of hidden, weight, bias needs one.
-    The weight's product is taken over WEIGHT_GRAD_BLOCKS blocks at once on the CPU (their rows staged
-    together): fewer fp32 accumulations of [V, H] and longer matmul reductions."""
+    The products take WEIGHT_GRAD_BLOCKS blocks at once on the CPU (their rows staged together): fewer
+    fp32 accumulations of [V, H], longer matmul reductions, and w packed by oneDNN once per group."""
 
     def __init__(self, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, needs: tuple[bool, ...],
                  blocks: list[slice]):
@@ -234,15 +241,16 @@ class _GradientSums:
         offset = rows.start - self.group_start
         p = self.staged[offset: offset + z.size(0)]
         _softmax_minus_target(z, lse[rows], safe_target[rows], keep[rows], scale, k, p, self.kernels)
-        if self.hidden is not None:
-            torch.mm(p, self.w, out=self.hidden[rows])
         if self.bias is not None:
             self.bias += p.sum(0, dtype=torch.float32)
         last = i == len(self.blocks) - 1
         if last or (i + 1) % self.group == 0:  # the staged group is complete
             end = min(rows.stop, self.h.size(0))
+            staged = self.staged[: end - self.group_start]
+            if self.hidden is not None:
+                torch.mm(staged, self.w, out=self.hidden[self.group_start:end])
             if self.need_weight:
-                part = torch.mm(self.staged[: end - self.group_start].t(), self.h[self.group_start:end]).float()
+                part = torch.mm(staged.t(), self.h[self.group_start:end]).float()
                 self.weight = part if self.weight is None else self.weight.add_(part)
             self.group_start = end
         if last:
@@ -276,8 +284,9 @@ class _OutputLayerCrossEntropy(torch.autograd.Function):
         kernels = _kernels_for(h, w)
         blocks = _fused_blocks(rows, h.device)
         sums = _GradientSums(h, w, b, ctx.needs_input_grad[:3], blocks) if precompute else None
+        wt = _logits_operand(w)
         for i, block in enumerate(blocks):
-            z = _block_logits(h[block], w, b)
+            z = _block_logits(h[block], wt, b)
             lse[block], uniform_row[block], nll_row[block] = _row_terms(z, safe_target[block], kernels)
             if sums is not None:
                 sums.add(i, block, z, lse, safe_target, keep, 1.0, 1.0 - smoothing)
@@ -305,8 +314,9 @@ class _OutputLayerCrossEntropy(torch.autograd.Function):
         if sums is None or g_nll != 0.0 or g_loss == 0.0:  # not the precomputed k = 1 - eps: recompute
             blocks = _fused_blocks(h.size(0), h.device)
             sums = _GradientSums(h, w, b, ctx.needs_input_grad[:3], blocks)
+            wt = _logits_operand(w)
             for i, rows in enumerate(blocks):
-                sums.add(i, rows, _block_logits(h[rows], w, b), lse, safe_target, keep, 1.0 if s != 0.0 else 0.0, k)
+                sums.add(i, rows, _block_logits(h[rows], wt, b), lse, safe_target, keep, 1.0 if s != 0.0 else 0.0, k)
         grad_h, grad_w, grad_b = sums.hidden, sums.weight, sums.bias
         real = keep.to(torch.float32).unsqueeze(1)
         if grad_h is not None:
