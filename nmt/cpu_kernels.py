@@ -1,6 +1,7 @@
 """nmt's compiled CPU kernels, built at first use.
 
-bf16 dropout (+ residual), LayerNorm, multi-head attention and the cross-entropy's passes over the logits.
+bf16 dropout (+ residual), LayerNorm, multi-head attention, the cross-entropy's passes over the logits and
+the bias gradients' column sums.
 
 The sources are in `nmt/csrc/`: AVX-512 code for bf16 tensors on CPUs with AVX512-BF16 (Intel Sapphire
 Rapids and later), parallel over torch's OpenMP threads. `extension()` compiles them once per torch
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("attention.cpp", "bindings.cpp", "dropout.cpp", "layer_norm.cpp", "loss.cpp")
+SOURCES = ("attention.cpp", "bindings.cpp", "column_sums.cpp", "dropout.cpp", "layer_norm.cpp", "loss.cpp")
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16")
 _COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 unavailable_reason: str | None = None  # why extension() is None, once it has been asked

@@ -41,7 +41,15 @@ def _fused_linear() -> dict[str, Callable[[], None]]:
             "on": lambda: setattr(linear, "_applies", on)}
 
 
-SWITCHES = {"fused-linear": _fused_linear}
+def _column_sums() -> dict[str, Callable[[], None]]:
+    from nmt.models import linear
+
+    kernel = linear._bias_grad
+    return {"torch-sum": lambda: setattr(linear, "_bias_grad", lambda rows: rows.sum(0).float()),
+            "column-sums": lambda: setattr(linear, "_bias_grad", kernel)}
+
+
+SWITCHES = {"fused-linear": _fused_linear, "column-sums": _column_sums}
 
 
 def attr_variants(spec: str) -> dict[str, Callable[[], None]]:

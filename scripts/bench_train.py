@@ -13,7 +13,12 @@
    clipping, optimizer, schedule -- is the library's code. Each `_update` call is timed; the first
    --warmup updates (allocator and kernel warm-up) are left out of the rates.
 3. Measures the matmul peak of this machine in fp32 and bf16 (a few large matmuls of the model's shapes,
-   best of several repetitions) in the same process, before and after training (the max is used).
+   best of several repetitions) in the same process, before and after training, and (unless
+   --no-probes) with the best of those shapes for ~50 ms after every timed update, outside its timing.
+   The peak is the max of all of them. These machines are shared: their matmul speed swings by up to 2x
+   within minutes, so MFU is also given paired, per update against the probe right after it
+   (`mfu_paired_median`); `mfu` itself (all timed FLOPs over all timed seconds, against the max peak)
+   is the conservative figure.
 
 Model FLOPs are counted analytically from the real (non-padding) tokens of every timed batch:
 
@@ -195,6 +200,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     trainer, run_dir = benchmark_trainer(Path(args.config), Path(args.data), Path(args.cache), args.steps,
                                          args.precision, args.set)
+    dtype = "bf16" if trainer.precision == "bf16" else "fp32"
+    probe_shape = max(peaks_before[dtype], key=peaks_before[dtype].get)
+    probe_dims = tuple(int(n) for n in probe_shape.split("x"))
+    probe_type = torch.bfloat16 if dtype == "bf16" else torch.float32
     cfg = trainer.cfg
     dims = model_dims(cfg)
     vocab = trainer.tgt_tok.vocab_size
@@ -227,6 +236,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             record["cells"] += b.src.numel() + b.tgt_out.numel()
             record["flops"] += 3 * forward_flops(dims, vocab, s, t)
         steps.append(record)
+        profiled = args.profile and len(steps) <= args.warmup + args.profile
+        if args.probes and len(steps) > args.warmup and not profiled:
+            record["probe"] = matmul_peak(probe_type, (probe_dims,), seconds=0.05)[probe_shape]
         return out
 
     trainer._update = timed_update
@@ -239,12 +251,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peak = {dt: max(v.values()) for dt, v in peaks.items()}
 
     timed = steps[args.warmup:] if len(steps) > args.warmup else steps
+    probed = [r for r in timed if "probe" in r]
+    probes = [r["probe"] for r in probed]
+    peak[dtype] = max([peak[dtype], *probes])
     seconds = sum(r["seconds"] for r in timed)
     tgt = sum(r["tgt"] for r in timed)
     src = sum(r["src"] for r in timed)
     cells = sum(r["cells"] for r in timed)
     flops = sum(r["flops"] for r in timed)
-    dtype = "bf16" if trainer.precision == "bf16" else "fp32"
     per_step_tps = [r["tgt"] / r["seconds"] for r in timed]
     losses = [r["loss"] for r in steps]
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -261,6 +275,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model_flops_per_s": flops / seconds, "model_flops_per_step": flops / len(timed),
         "matmul_peak_flops": peak, "matmul_peak_by_shape": peaks,
         "mfu": (flops / seconds) / peak[dtype], "mfu_dtype": dtype,
+        "matmul_probes_between_updates": {
+            "shape": probe_shape, "count": len(probes),
+            **({"min": min(probes), "median": statistics.median(probes), "max": max(probes)} if probes else {})},
+        "mfu_paired_median": (statistics.median(r["flops"] / r["seconds"] / r["probe"] for r in probed)
+                              if probed else None),
         "loss_first": losses[0], "loss_last": losses[-1],
         "loss_mean_last10": statistics.fmean(x for x in losses[-10:] if math.isfinite(x)),
     }
@@ -281,6 +300,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile-rows", type=int, default=30)
     parser.add_argument("--profile-shapes", action="store_true",
                         help="with --profile: also each matmul shape's time per update and TFLOP/s")
+    parser.add_argument("--no-probes", dest="probes", action="store_false",
+                        help="no matmul probe after each timed update (then the peak is measured only before "
+                             "and after training)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--malloc-defaults", action="store_true",
                         help="keep glibc's malloc settings (nmt's CLI tunes them: nmt/allocator.py)")
@@ -293,8 +315,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{result['tgt_tokens_per_s']:.0f} tgt tok/s, {result['src_tgt_tokens_per_s']:.0f} src+tgt tok/s, "
           f"{result['seconds_per_step'] * 1000:.0f} ms/step, padding {result['padding_ratio']:.1%}, "
           f"{result['model_flops_per_s'] / 1e12:.3f} TFLOP/s = {result['mfu']:.1%} of the {result['mfu_dtype']} "
-          f"matmul peak ({result['matmul_peak_flops'][result['mfu_dtype']] / 1e12:.2f} TFLOP/s), "
-          f"peak RSS {result['peak_rss_mb']:.0f} MB, loss {result['loss_first']:.2f} -> {result['loss_last']:.2f}",
+          f"matmul peak ({result['matmul_peak_flops'][result['mfu_dtype']] / 1e12:.2f} TFLOP/s)"
+          + (f", paired with the probe after each update: median {result['mfu_paired_median']:.1%}"
+             if result["mfu_paired_median"] is not None else "")
+          + f", peak RSS {result['peak_rss_mb']:.0f} MB, loss {result['loss_first']:.2f} -> {result['loss_last']:.2f}",
           file=sys.stderr)
 
 

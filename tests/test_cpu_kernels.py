@@ -75,3 +75,20 @@ def test_target_ids_outside_the_vocabulary_are_refused():
         cpu_kernels.extension().logit_row_stats(z, target.reshape(-1))
     with pytest.raises(RuntimeError, match="bf16"):
         cpu_kernels.extension().logit_row_stats(z.float(), target.reshape(-1))
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows, width", [(0, 16), (1, 64), (7, 5), (300, 100), (513, 256), (1000, 1030)])
+def test_column_sums_are_the_fp32_sums_of_the_rows(rows, width):
+    x = torch.randn(rows, width).bfloat16()
+    sums = cpu_kernels.extension().column_sums(x)
+    assert sums.dtype == torch.float32 and sums.shape == (width,)
+    torch.testing.assert_close(sums, x.double().sum(0).float(), rtol=1e-6, atol=1e-5)
+
+
+@needs_kernels
+def test_column_sums_refuse_what_they_cannot_read():
+    with pytest.raises(RuntimeError, match="contiguous bf16"):
+        cpu_kernels.extension().column_sums(torch.ones(4, 8))
+    with pytest.raises(RuntimeError, match="rows, N"):
+        cpu_kernels.extension().column_sums(torch.ones(2, 4, 8).bfloat16())

@@ -1,4 +1,5 @@
-"""nmt.models.linear: oneDNN's linear (bias in the epilogue) against the layer's own autocast path."""
+"""nmt.models.linear: oneDNN's linear (bias in the epilogue, fp32 bias gradient) against the layer's own
+autocast path."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from nmt import cpu_kernels
 from nmt.models import linear as linear_module
 from nmt.models.linear import linear
 
@@ -35,7 +37,15 @@ def test_values_and_gradients_equal_the_layers_autocast_path(bias, x_dtype):
     assert fused[0].dtype == plain[0].dtype == torch.bfloat16
     for a, b in zip(fused, plain, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
+    for a, b in zip(fused[:3], plain[:3], strict=True):  # output, input and weight gradients: equal
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
+    if bias:  # the bias gradient: the fp32 sums of the bf16 output gradient (addmm's rounds them to bf16)
+        exact = grad.double().sum((0, 1)).float()
+        torch.testing.assert_close(plain[3], exact, rtol=2 ** -8, atol=1e-6)
+        if cpu_kernels.usable_on(grad):
+            torch.testing.assert_close(fused[3], exact, rtol=1e-6, atol=1e-5)
+        else:
+            torch.testing.assert_close(fused[3], plain[3], rtol=0, atol=0)
     assert fused[0].grad_fn.name().endswith("_FusedBiasLinearBackward")
 
 

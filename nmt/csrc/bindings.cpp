@@ -13,6 +13,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out = scale * softmax(logits) - k * onehot(target) on kept rows, 0 on the others (bf16)");
   m.def("layer_norm_forward", &nmt::layer_norm_forward, "LayerNorm of bf16 rows (fp32 weight, bias): y, mean, rstd");
   m.def("layer_norm_backward", &nmt::layer_norm_backward, "gradients of layer_norm_forward: x, weight, bias");
+  m.def("column_sums", &nmt::column_sums, "fp32 sums over the rows of a bf16 [rows, N] matrix");
   m.def("attention_forward", &nmt::attention_forward,
         "softmax(scale * q k^T) over the allowed keys, dropped, times v: (context, weights), bf16");
   m.def("attention_backward", &nmt::attention_backward, "gradients of attention_forward into grad_q/k/v");

@@ -26,6 +26,9 @@ std::vector<at::Tensor> layer_norm_forward(const at::Tensor& x, const at::Tensor
 std::vector<at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
                                             const at::Tensor& rstd, const at::Tensor& weight);
 
+// column_sums.cpp: fp32 sums over the rows of a bf16 [rows, N] matrix (a Linear layer's bias gradient)
+at::Tensor column_sums(const at::Tensor& x);
+
 // attention.cpp: multi-head attention of strided bf16 [B, heads, len, D] views -> (context as a
 // [B, heads, T, D] view of [B, T, heads, D], bf16 softmax weights [B, heads, T, S]); its gradients,
 // written into the given (strided) tensors

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from nmt import cpu_kernels
+
 
 @functools.cache
 def _fused_op() -> Any | None:
@@ -53,6 +55,14 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return _FusedBiasLinear.apply(x.to(torch.bfloat16), layer.weight, layer.bias)
 
 
+def _bias_grad(rows: torch.Tensor) -> torch.Tensor:
+    """The fp32 column sums of the bf16 output gradient [rows, N]: `nmt.cpu_kernels`' one pass over the rows
+    when available (sums kept in fp32), else torch's sum (rounded to bf16 as addmm's backward does)."""
+    if cpu_kernels.usable_on(rows):
+        return cpu_kernels.extension().column_sums(rows.contiguous())
+    return rows.sum(0).float()
+
+
 class _FusedBiasLinear(torch.autograd.Function):
     """x @ weight.T + bias in bf16 (fp32 weight and bias cast as autocast would); gradients as addmm's."""
 
@@ -74,5 +84,5 @@ class _FusedBiasLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = torch.mm(rows.t(), x.reshape(-1, x.size(-1))).float()
         if ctx.needs_input_grad[2]:
-            grad_b = rows.sum(0).float()
+            grad_b = _bias_grad(rows)
         return grad_x, grad_w, grad_b
