@@ -4,11 +4,14 @@ the machine's drift (docs/benchmarks.md, sixth round).
 
     .venv/bin/python scripts/bench_ab.py --switch fused-linear --steps 30
     .venv/bin/python scripts/bench_ab.py --attr nmt.training.loss:FUSED_BLOCK_ROWS=256,1024 --steps 30
+    .venv/bin/python scripts/bench_ab.py --swap nmt.training.loss:_OutputLayerCrossEntropy@6dc8253 --steps 40
 
 Builds the library's Trainer once (Multi30k en-de, the d256 recipe, bf16, as `bench_train.py`) and runs
 every batch twice, once with each variant, alternating which goes first; prints the mean time per
 update of each and the per-update ratios. `--switch NAME` turns one of the library's fast paths off (A)
-and on (B); `--attr MODULE:NAME=A,B` sets a module-level integer to A, then B.
+and on (B); `--attr MODULE:NAME=A,B` sets a module-level integer to A, then B; `--swap MODULE:NAME@REV`
+sets the module attribute NAME to its definition in MODULE's source at git revision REV (A), then to the
+work tree's (B) -- for a change inside one function or class.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import argparse
 import importlib
 import shutil
 import statistics
+import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,6 +71,30 @@ def attr_variants(spec: str) -> dict[str, Callable[[], None]]:
     if not isinstance(getattr(module, name, None), int):
         raise ValueError(f"--attr {spec!r}: {module_name} has no integer {name}")
     return {f"{name}={v.strip()}": (lambda v=int(v): setattr(module, name, v)) for v in numbers}
+
+
+def swap_variants(spec: str) -> dict[str, Callable[[], None]]:
+    """MODULE:NAME@REV -> {"NAME@REV": NAME as MODULE's source at git revision REV defines it, "NAME": the
+    work tree's}; ValueError saying what is wrong."""
+    target, _, rev = spec.partition("@")
+    module_name, _, name = target.partition(":")
+    if not (module_name and name and rev):
+        raise ValueError(f"--swap {spec!r}: expected MODULE:NAME@REV")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"--swap {spec!r}: cannot import {module_name}: {error}") from None
+    path = Path(module.__file__).resolve().relative_to(ROOT).as_posix()
+    shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True)
+    if shown.returncode:
+        raise ValueError(f"--swap {spec!r}: git show {rev}:{path}: {shown.stderr.strip().splitlines()[0]}")
+    old = types.ModuleType(f"{module_name}@{rev}")
+    exec(compile(shown.stdout, f"{path}@{rev}", "exec"), old.__dict__)  # noqa: S102 (the repository's own code)
+    if not (hasattr(module, name) and hasattr(old, name)):
+        raise ValueError(f"--swap {spec!r}: {name} is not defined in both versions of {module_name}")
+    new_value, old_value = getattr(module, name), getattr(old, name)
+    return {f"{name}@{rev}": lambda: setattr(module, name, old_value),
+            name: lambda: setattr(module, name, new_value)}
 
 
 def paired_times(variants: dict[str, Callable[[], None]], steps: int, skip: int, data: str,
@@ -117,10 +146,15 @@ def main() -> None:
     choice = parser.add_mutually_exclusive_group(required=True)
     choice.add_argument("--switch", choices=sorted(SWITCHES), help="a fast path: off (A) vs on (B)")
     choice.add_argument("--attr", metavar="MODULE:NAME=A,B", help="a module-level integer: A vs B")
+    choice.add_argument("--swap", metavar="MODULE:NAME@REV",
+                        help="a module attribute as defined at git revision REV vs the work tree's")
     add_common_arguments(parser)
     args = parser.parse_args()
     try:
-        variants = SWITCHES[args.switch]() if args.switch else attr_variants(args.attr)
+        if args.switch:
+            variants = SWITCHES[args.switch]()
+        else:
+            variants = attr_variants(args.attr) if args.attr else swap_variants(args.swap)
     except ValueError as error:
         parser.error(str(error))
     print(report(paired_times(variants, args.steps, args.skip, args.data, args.cache)))
