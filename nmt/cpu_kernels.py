@@ -1,7 +1,7 @@
 """nmt's compiled CPU kernels, built at first use.
 
-bf16 dropout (+ residual), LayerNorm, multi-head attention, the cross-entropy's passes over the logits and
-the bias gradients' column sums.
+bf16 dropout (+ residual), LayerNorm, multi-head attention, the cross-entropy's passes over the logits, the
+bias gradients' column sums, and (with AMX) the weight gradients of Linear layers.
 
 The sources are in `nmt/csrc/`: AVX-512 code for bf16 tensors on CPUs with AVX512-BF16 (Intel Sapphire
 Rapids and later), parallel over torch's OpenMP threads. `extension()` compiles them once per torch
@@ -21,18 +21,24 @@ from typing import Any
 import torch
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("attention.cpp", "bindings.cpp", "column_sums.cpp", "dropout.cpp", "layer_norm.cpp", "loss.cpp")
+SOURCES = ("attention.cpp", "bindings.cpp", "column_sums.cpp", "dropout.cpp", "layer_norm.cpp", "loss.cpp",
+           "weight_grad.cpp")
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16")
 _COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+_AMX_FLAGS = ["-mamx-tile", "-mamx-bf16"]  # without them (a compiler before GCC 11): NMT_NO_AMX, no AMX kernel
 unavailable_reason: str | None = None  # why extension() is None, once it has been asked
 
 
-def _cpu_supports_kernels() -> bool:
+def _cpu_flags() -> set[str]:
     try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        return False
-    return all(flag in flags.split() for flag in _CPU_FLAGS)
+        return set()
+    return set(line.split(":", 1)[-1].split())
+
+
+def _cpu_supports_kernels() -> bool:
+    return all(flag in _cpu_flags() for flag in _CPU_FLAGS)
 
 
 @functools.cache
@@ -50,10 +56,15 @@ def extension() -> Any | None:
         from torch.utils.cpp_extension import load
 
         version = torch.__version__.replace(".", "_").replace("+", "_")
+        sources = [str(SOURCE_DIR / name) for name in SOURCES]
         # -fopenmp: at::parallel_for is OpenMP code inlined from torch's headers; without the flag it runs
         # on one thread. The extension then shares torch's OpenMP runtime (same libgomp.so.1).
-        return load(name=f"nmt_cpu_kernels_{version}", sources=[str(SOURCE_DIR / name) for name in SOURCES],
-                    extra_cflags=_COMPILE_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+        try:
+            return load(name=f"nmt_cpu_kernels_{version}", sources=sources, extra_cflags=_COMPILE_FLAGS + _AMX_FLAGS,
+                        extra_ldflags=["-fopenmp"], verbose=False)
+        except Exception:  # a compiler without AMX intrinsics: everything else still builds
+            return load(name=f"nmt_cpu_kernels_noamx_{version}", sources=sources,
+                        extra_cflags=[*_COMPILE_FLAGS, "-DNMT_NO_AMX"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no ninja, a failed build: the PyTorch-op paths still work
         unavailable_reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
         return None
@@ -64,6 +75,14 @@ def status() -> str:
     if extension.cache_info().currsize == 0:
         return "not used"
     return "on" if extension() is not None else f"off: {unavailable_reason}"
+
+
+@functools.cache
+def amx_usable() -> bool:
+    """Whether the AMX kernels (weight_grad) can run: the CPU has AMX-BF16 and Linux grants this process
+    its tile state."""
+    flags = _cpu_flags()
+    return "amx_bf16" in flags and "amx_tile" in flags and extension() is not None and extension().amx_available()
 
 
 def usable_on(*tensors: torch.Tensor) -> bool:

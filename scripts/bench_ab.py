@@ -54,7 +54,15 @@ def _column_sums() -> dict[str, Callable[[], None]]:
             "column-sums": lambda: setattr(linear, "_bias_grad", kernel)}
 
 
-SWITCHES = {"fused-linear": _fused_linear, "column-sums": _column_sums}
+def _amx_weight_grad() -> dict[str, Callable[[], None]]:
+    from nmt.models import linear
+
+    applies = linear._amx_applies
+    return {"onednn": lambda: setattr(linear, "_amx_applies", lambda rows, x: False),
+            "amx": lambda: setattr(linear, "_amx_applies", applies)}
+
+
+SWITCHES = {"fused-linear": _fused_linear, "column-sums": _column_sums, "amx-weight-grad": _amx_weight_grad}
 
 
 def attr_variants(spec: str) -> dict[str, Callable[[], None]]:

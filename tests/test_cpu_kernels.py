@@ -22,8 +22,11 @@ def test_switched_off_by_the_environment(monkeypatch):
         assert cpu_kernels.extension() is None and cpu_kernels.unavailable_reason == "NMT_CPU_KERNELS=0"
         assert cpu_kernels.status() == "off: NMT_CPU_KERNELS=0"
         assert not cpu_kernels.usable_on(torch.ones(2).bfloat16())
+        cpu_kernels.amx_usable.cache_clear()
+        assert not cpu_kernels.amx_usable()
     finally:
         cpu_kernels.extension.cache_clear()
+        cpu_kernels.amx_usable.cache_clear()
 
 
 def test_only_bf16_cpu_tensors_use_them():
@@ -92,3 +95,32 @@ def test_column_sums_refuse_what_they_cannot_read():
         cpu_kernels.extension().column_sums(torch.ones(4, 8))
     with pytest.raises(RuntimeError, match="rows, N"):
         cpu_kernels.extension().column_sums(torch.ones(2, 4, 8).bfloat16())
+
+
+needs_amx = pytest.mark.skipif(not cpu_kernels.amx_usable(), reason="no AMX kernels on this machine")
+
+
+@needs_amx
+@pytest.mark.parametrize("rows, n, k", [(0, 32, 32), (1, 32, 64), (100, 64, 32), (1000, 256, 1024),
+                                        (300, 8000, 64), (700, 96, 160)])
+def test_weight_grad_is_the_fp32_product(rows, n, k):
+    grad, x = torch.randn(rows, n).bfloat16(), torch.randn(rows, k).bfloat16()
+    exact = grad.double().t() @ x.double()
+    result = cpu_kernels.extension().weight_grad(grad, x)
+    assert result.dtype == torch.float32 and result.shape == (n, k)
+    torch.testing.assert_close(result.double(), exact, rtol=1e-5, atol=1e-4)
+    out = torch.randn(n, k)
+    start = out.clone()
+    assert cpu_kernels.extension().weight_grad(grad, x, out).data_ptr() == out.data_ptr()  # added onto out
+    torch.testing.assert_close(out.double(), start.double() + exact, rtol=1e-5, atol=1e-4)
+
+
+@needs_amx
+def test_weight_grad_refuses_what_it_cannot_compute():
+    ext = cpu_kernels.extension()
+    with pytest.raises(RuntimeError, match="multiples of 32"):
+        ext.weight_grad(torch.ones(4, 48).bfloat16(), torch.ones(4, 32).bfloat16())
+    with pytest.raises(RuntimeError, match="share M"):
+        ext.weight_grad(torch.ones(4, 32).bfloat16(), torch.ones(5, 32).bfloat16())
+    with pytest.raises(RuntimeError, match="out must be"):
+        ext.weight_grad(torch.ones(4, 32).bfloat16(), torch.ones(4, 32).bfloat16(), torch.ones(32, 32).bfloat16())

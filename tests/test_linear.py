@@ -50,6 +50,24 @@ def test_values_and_gradients_equal_the_layers_autocast_path(bias, x_dtype):
 
 
 @needs_op
+def test_weight_gradient_in_fp32_where_the_amx_kernel_applies():
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 96)  # both sizes multiples of 32: the AMX kernel's shapes
+    x = torch.randn(3, 37, 64)
+    grad = torch.randn(3, 37, 96).bfloat16()
+    fused = outputs_and_gradients(layer, x, grad, linear)
+    plain = outputs_and_gradients(layer, x, grad, lambda module, inputs: module(inputs))
+    for a, b in zip(fused[:2], plain[:2], strict=True):  # output and input gradient: equal
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
+    x_bf16 = x.bfloat16().double().reshape(-1, 64)
+    exact = grad.double().reshape(-1, 96).t() @ x_bf16
+    assert fused[2].dtype == torch.float32
+    if cpu_kernels.amx_usable():
+        torch.testing.assert_close(fused[2].double(), exact, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(plain[2].double(), exact, rtol=2 ** -7, atol=1e-2)  # rounded to bf16
+
+
+@needs_op
 def test_frozen_input_and_weight():
     layer = nn.Linear(16, 8)
     layer.weight.requires_grad_(False)

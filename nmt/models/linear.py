@@ -55,6 +55,22 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return _FusedBiasLinear.apply(x.to(torch.bfloat16), layer.weight, layer.bias)
 
 
+def _amx_applies(rows: torch.Tensor, x: torch.Tensor) -> bool:
+    return (rows.size(1) % 32 == 0 and x.size(1) % 32 == 0 and cpu_kernels.usable_on(rows, x)
+            and cpu_kernels.amx_usable())
+
+
+def weight_gradient(rows: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """rows^T x [N, K] in fp32 from an output gradient [M, N] and an input [M, K], added onto `out` (fp32
+    [N, K]) when given. bf16 operands on a CPU with AMX go through `nmt.cpu_kernels`' weight_grad (N, K
+    multiples of 32; the sums stay in fp32: no matmul library has this layout's fp32 output on the CPU);
+    anything else through torch's matmul (its result in the operands' dtype, as addmm's backward)."""
+    if _amx_applies(rows, x):
+        return cpu_kernels.extension().weight_grad(rows.contiguous(), x.contiguous(), out)
+    part = torch.mm(rows.t(), x).float()
+    return part if out is None else out.add_(part)
+
+
 def _bias_grad(rows: torch.Tensor) -> torch.Tensor:
     """The fp32 column sums of the bf16 output gradient [rows, N]: `nmt.cpu_kernels`' one pass over the rows
     when available (sums kept in fp32), else torch's sum (rounded to bf16 as addmm's backward does)."""
@@ -82,7 +98,7 @@ class _FusedBiasLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(rows, w).view(*grad.shape[:-1], w.size(1))
         if ctx.needs_input_grad[1]:
-            grad_w = torch.mm(rows.t(), x.reshape(-1, x.size(-1))).float()
+            grad_w = weight_gradient(rows, x.reshape(-1, x.size(-1)))
         if ctx.needs_input_grad[2]:
             grad_b = _bias_grad(rows)
         return grad_x, grad_w, grad_b

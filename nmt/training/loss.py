@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from nmt import cpu_kernels
+from nmt.models.linear import weight_gradient
 from nmt.vocab import PAD_ID
 
 # Logits per block of rows on the CPU (8 MiB in fp32). On a 2-core CPU, [4000, 8000] logits take about
@@ -250,8 +251,7 @@ class _GradientSums:
             if self.hidden is not None:
                 torch.mm(staged, self.w, out=self.hidden[self.group_start:end])
             if self.need_weight:
-                part = torch.mm(staged.t(), self.h[self.group_start:end]).float()
-                self.weight = part if self.weight is None else self.weight.add_(part)
+                self.weight = weight_gradient(staged, self.h[self.group_start:end], self.weight)
             self.group_start = end
         if last:
             self.staged = None
