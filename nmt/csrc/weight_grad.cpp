@@ -16,76 +16,19 @@
 
 #include "bf16_vec.h"
 #include "kernels.h"
+#ifndef NMT_NO_AMX
+#include "amx_tiles.h"
+#endif
 
 namespace nmt {
 
 #ifndef NMT_NO_AMX
 namespace {
 
+using amx::kTileBytes;
+using amx::pack;
+
 constexpr int64_t kChunk = 256;  // rows packed at once (a multiple of 32)
-constexpr int kTileBytes = 1024;  // 16 rows of 64 bytes
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 0, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// The 16 pairs (a[c], b[c]) of two rows of 16 bf16 as 32-bit lanes (a in the low half); a null row reads as 0.
-inline __m512i paired(const uint16_t* a, const uint16_t* b) {
-  const __m256i zero = _mm256_setzero_si256();
-  const __m512i lo = _mm512_cvtepu16_epi32(a ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)) : zero);
-  const __m512i hi = _mm512_cvtepu16_epi32(b ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)) : zero);
-  return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
-}
-
-// r[i][j] -> r[j][i] for a 16 x 16 block of 32-bit values
-inline void transpose16(__m512i r[16]) {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int g = 0; g < 16; g += 4) {  // u[g + c]: lane L holds column 4L + c of rows g..g+3
-    u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
-    u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
-    u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
-    u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {
-    t[c] = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88);
-    t[4 + c] = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
-    t[8 + c] = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
-    t[12 + c] = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
-  }
-  for (int c = 0; c < 4; ++c) {
-    r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
-    r[8 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xdd);
-    r[4 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0x88);
-    r[12 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0xdd);
-  }
-}
-
-// rows [m0, m0 + 32 * steps) of `width` columns of a bf16 matrix (row stride ld) into tiles
-// [width / 16][steps][16 x 32]: with `transposed`, tile row c holds column c's 32 values (AMX's left
-// operand); otherwise row i holds the pairs of rows 2i and 2i + 1 (its right operand). Rows at or past M
-// are zeros.
-void pack(const uint16_t* src, int64_t ld, int64_t M, int64_t width, int64_t m0, int64_t steps, bool transposed,
-          uint16_t* out) {
-  for (int64_t s = 0; s < steps; ++s) {  // 32 rows at a time, read once and in order
-    for (int64_t col = 0; col < width; col += 16) {
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i) {
-        const int64_t m = m0 + 32 * s + 2 * i;
-        r[i] = paired(m < M ? src + m * ld + col : nullptr, m + 1 < M ? src + (m + 1) * ld + col : nullptr);
-      }
-      if (transposed) transpose16(r);
-      uint16_t* tile = out + ((col / 16) * steps + s) * (kTileBytes / 2);
-      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(tile + 32 * i, r[i]);
-    }
-  }
-}
-
 // sums[N, K] (+)= rows [m0, m1) of dY^T X for the N columns of dy (row stride ldy), 256 rows at a time
 // (`add`: onto what sums holds; else from 0)
 void accumulate(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t N, int64_t K, int64_t m0, int64_t m1,
@@ -163,11 +106,7 @@ at::Tensor weight_grad(const at::Tensor& grad, const at::Tensor& x, const std::o
   auto others = at::empty({split_rows ? tasks - 1 : 0, N, K}, options);  // row tasks 1.. sum here
   const uint16_t *dy = bf16_data(grad), *xp = bf16_data(x);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    TileConfig saved, config;
-    _tile_storeconfig(&saved);
-    config.palette = 1;
-    for (int i = 0; i < 8; ++i) config.rows[i] = 16, config.colsb[i] = 64;
-    _tile_loadconfig(&config);
+    amx::TileScope tiles;
     auto a_pack = at::empty({N / 16, kChunk / 32, kTileBytes / 2}, x.options());
     auto b_pack = at::empty({K / 16, kChunk / 32, kTileBytes / 2}, x.options());
     for (int64_t task = begin; task < end; ++task) {
@@ -190,10 +129,6 @@ at::Tensor weight_grad(const at::Tensor& grad, const at::Tensor& x, const std::o
           std::fill(sums, sums + width * K, 0.0f);
       }
     }
-    if (saved.palette)
-      _tile_loadconfig(&saved);
-    else
-      _tile_release();
   });
   for (int64_t i = 0; i < others.size(0); ++i) result.add_(others[i]);
   return result;
