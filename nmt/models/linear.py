@@ -6,10 +6,12 @@ the d256 recipe's training step on 2 Sapphire Rapids cores, `aten::copy_` took 2
 this path and 10 ms after; docs/benchmarks.md, seventh round).
 oneDNN's linear primitive, which torch exposes as `torch.ops.mkldnn._linear_pointwise` (the op its own
 compiler emits for CPU linears), adds the bias in the matmul's epilogue; it has no backward, so
-`_FusedBiasLinear` gives it the one `addmm`'s autograd would (same operations, same bf16 roundings).
-Measured in the d256 recipe's training step (docs/benchmarks.md): outputs and gradients equal, the step
-3-4% faster. Every other case (fp32, fp16, no grad, GPUs, quantized layers, a torch without that
-op) calls the layer itself.
+`_FusedBiasLinear` gives it addmm's, with one difference: the weight and bias gradients are fp32 sums
+(`weight_gradient`: an AMX kernel where the CPU has AMX; `_bias_grad`: a column-sum kernel) where addmm's
+backward rounds them to bf16. Measured in the d256 recipe's training step (docs/benchmarks.md, seventh
+and eighth rounds): outputs and input gradients equal, the step 3-4% faster with the fused bias and
+another 3-6% with the AMX weight gradients. Every other case (fp32, fp16, no grad, GPUs, quantized
+layers, a torch without that op) calls the layer itself.
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def _bias_grad(rows: torch.Tensor) -> torch.Tensor:
 
 
 class _FusedBiasLinear(torch.autograd.Function):
-    """x @ weight.T + bias in bf16 (fp32 weight and bias cast as autocast would); gradients as addmm's."""
+    """x @ weight.T + bias in bf16 (fp32 weight and bias cast as autocast would); addmm's gradients, those of
+    the weight and bias kept in fp32."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
