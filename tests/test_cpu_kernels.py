@@ -116,6 +116,16 @@ def test_weight_grad_is_the_fp32_product(rows, n, k):
 
 
 @needs_amx
+@pytest.mark.parametrize("rows, n, k", [(0, 32, 32), (33, 96, 64), (1000, 1024, 256), (300, 8000, 64)])
+def test_weight_bias_grad_adds_the_column_sums(rows, n, k):
+    grad, x = torch.randn(rows, n).bfloat16(), torch.randn(rows, k).bfloat16()
+    weight, bias = cpu_kernels.extension().weight_bias_grad(grad, x)
+    torch.testing.assert_close(weight.double(), grad.double().t() @ x.double(), rtol=1e-5, atol=1e-4)
+    assert bias.dtype == torch.float32 and bias.shape == (n,)
+    torch.testing.assert_close(bias.double(), grad.double().sum(0), rtol=1e-6, atol=1e-5)
+
+
+@needs_amx
 def test_weight_grad_refuses_what_it_cannot_compute():
     ext = cpu_kernels.extension()
     with pytest.raises(RuntimeError, match="multiples of 32"):

@@ -62,8 +62,9 @@ def test_weight_gradient_in_fp32_where_the_amx_kernel_applies():
     x_bf16 = x.bfloat16().double().reshape(-1, 64)
     exact = grad.double().reshape(-1, 96).t() @ x_bf16
     assert fused[2].dtype == torch.float32
-    if cpu_kernels.amx_usable():
+    if cpu_kernels.amx_usable():  # weight and bias gradients from one pass (weight_bias_grad)
         torch.testing.assert_close(fused[2].double(), exact, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(fused[3].double(), grad.double().sum((0, 1)), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(plain[2].double(), exact, rtol=2 ** -7, atol=1e-2)  # rounded to bf16
 
 

@@ -16,6 +16,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("column_sums", &nmt::column_sums, "fp32 sums over the rows of a bf16 [rows, N] matrix");
   m.def("weight_grad", &nmt::weight_grad, "dY^T X in fp32 from bf16 dY [M, N] and X [M, K], with AMX (+ out)",
         py::arg("grad"), py::arg("x"), py::arg("out") = py::none());
+  m.def("weight_bias_grad", &nmt::weight_bias_grad, "(dY^T X, dY's column sums) in fp32, with AMX");
   m.def("amx_available", &nmt::amx_available, "whether this process may use AMX (asks Linux once)");
   m.def("attention_forward", &nmt::attention_forward,
         "softmax(scale * q k^T) over the allowed keys, dropped, times v: (context, weights), bf16");

@@ -32,6 +32,7 @@ at::Tensor column_sums(const at::Tensor& x);
 // weight_grad.cpp: dY^T X in fp32 from bf16 dY [M, N], X [M, K] with AMX (N, K multiples of 32), added
 // onto `out` when given; whether this process may use AMX
 at::Tensor weight_grad(const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& out);
+std::vector<at::Tensor> weight_bias_grad(const at::Tensor& grad, const at::Tensor& x);  // (dW, its bias's)
 bool amx_available();
 
 // attention.cpp: multi-head attention of strided bf16 [B, heads, len, D] views -> (context as a

@@ -8,6 +8,7 @@
 // blocks of 32-bit pairs transposed with AVX-512 shuffles), X as row pairs (AMX's VNNI layout of its
 // right operand) -- and accumulates its [N, K] sums in fp32 tiles of 32 x 32; the threads' sums are
 // added at the end (onto `out` when given). Rows past M are packed as zeros. N and K must be multiples of 32.
+// weight_bias_grad also returns dY's fp32 column sums (the bias gradient), taken while dY is packed.
 #include <ATen/Parallel.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -30,12 +31,12 @@ using amx::pack;
 
 constexpr int64_t kChunk = 256;  // rows packed at once (a multiple of 32)
 // sums[N, K] (+)= rows [m0, m1) of dY^T X for the N columns of dy (row stride ldy), 256 rows at a time
-// (`add`: onto what sums holds; else from 0)
+// (`add`: onto what sums holds; else from 0); with `column_sums`, those rows' sums of dy are added to it
 void accumulate(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t N, int64_t K, int64_t m0, int64_t m1,
-                float* sums, bool add, uint16_t* a_pack, uint16_t* b_pack) {
+                float* sums, bool add, uint16_t* a_pack, uint16_t* b_pack, float* column_sums) {
   for (int64_t start = m0; start < m1; start += kChunk) {
     const int64_t steps = (std::min(kChunk, m1 - start) + 31) / 32;
-    pack(dy, ldy, m1, N, start, steps, true, a_pack);
+    pack(dy, ldy, m1, N, start, steps, true, a_pack, column_sums);
     pack(x, K, m1, K, start, steps, false, b_pack);
     for (int64_t n = 0; n < N; n += 32) {
       for (int64_t k = 0; k < K; k += 32) {
@@ -82,7 +83,11 @@ bool amx_available() {
   return granted;
 }
 
-at::Tensor weight_grad(const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& out) {
+namespace {
+
+// dY^T X (onto `out` when given) and, with `bias`, dY's column sums as well (read in the same pass)
+std::vector<at::Tensor> weight_and_bias_grad(const at::Tensor& grad, const at::Tensor& x,
+                                             const std::optional<at::Tensor>& out, bool bias) {
   check_bf16(grad, "grad");
   check_bf16(x, "x");
   TORCH_CHECK(grad.dim() == 2 && x.dim() == 2 && grad.size(0) == x.size(0), "grad [M, N] and x [M, K] must share M");
@@ -104,6 +109,7 @@ at::Tensor weight_grad(const at::Tensor& grad, const at::Tensor& x, const std::o
   const int64_t per_task = (units + tasks - 1) / tasks;
   at::Tensor result = out ? *out : at::empty({N, K}, options);
   auto others = at::empty({split_rows ? tasks - 1 : 0, N, K}, options);  // row tasks 1.. sum here
+  auto column_sums = at::zeros({bias ? tasks : 0, N}, options);  // per task
   const uint16_t *dy = bf16_data(grad), *xp = bf16_data(x);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     amx::TileScope tiles;
@@ -114,24 +120,37 @@ at::Tensor weight_grad(const at::Tensor& grad, const at::Tensor& x, const std::o
       if (split_rows) {
         float* sums = task ? others.data_ptr<float>() + (task - 1) * N * K : result.data_ptr<float>();
         const bool add = task == 0 && out.has_value();
+        float* task_sums = bias ? column_sums.data_ptr<float>() + task * N : nullptr;
         if (first < last)
           accumulate(dy, N, xp, N, K, first * kChunk, std::min(M, last * kChunk), sums, add,
-                     bf16_data_mut(a_pack), bf16_data_mut(b_pack));
+                     bf16_data_mut(a_pack), bf16_data_mut(b_pack), task_sums);
         else if (!add)
           std::fill(sums, sums + N * K, 0.0f);
       } else if (first < last) {
         const int64_t n0 = first * 32, width = (last - first) * 32;
         float* sums = result.data_ptr<float>() + n0 * K;
+        float* task_sums = bias ? column_sums.data_ptr<float>() + task * N + n0 : nullptr;
         if (M > 0)
           accumulate(dy + n0, N, xp, width, K, 0, M, sums, out.has_value(), bf16_data_mut(a_pack),
-                     bf16_data_mut(b_pack));
+                     bf16_data_mut(b_pack), task_sums);
         else if (!out)
           std::fill(sums, sums + width * K, 0.0f);
       }
     }
   });
   for (int64_t i = 0; i < others.size(0); ++i) result.add_(others[i]);
-  return result;
+  if (!bias) return {result};
+  return {result, column_sums.sum(0)};
+}
+
+}  // namespace
+
+at::Tensor weight_grad(const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& out) {
+  return weight_and_bias_grad(grad, x, out, false)[0];
+}
+
+std::vector<at::Tensor> weight_bias_grad(const at::Tensor& grad, const at::Tensor& x) {
+  return weight_and_bias_grad(grad, x, std::nullopt, true);
 }
 
 #else  // built without AMX intrinsics (nmt/cpu_kernels.py): the callers use torch's matmul
@@ -139,6 +158,10 @@ at::Tensor weight_grad(const at::Tensor& grad, const at::Tensor& x, const std::o
 bool amx_available() { return false; }
 
 at::Tensor weight_grad(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&) {
+  TORCH_CHECK(false, "nmt's CPU kernels were built without AMX");
+}
+
+std::vector<at::Tensor> weight_bias_grad(const at::Tensor&, const at::Tensor&) {
   TORCH_CHECK(false, "nmt's CPU kernels were built without AMX");
 }
 

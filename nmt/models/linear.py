@@ -100,8 +100,13 @@ class _FusedBiasLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(rows, w).view(*grad.shape[:-1], w.size(1))
+        x = x.reshape(-1, x.size(-1))
+        if ctx.needs_input_grad[1] and ctx.needs_input_grad[2] and _amx_applies(rows, x):
+            # both from one pass over the output gradient
+            grad_w, grad_b = cpu_kernels.extension().weight_bias_grad(rows.contiguous(), x.contiguous())
+            return grad_x, grad_w, grad_b
         if ctx.needs_input_grad[1]:
-            grad_w = weight_gradient(rows, x.reshape(-1, x.size(-1)))
+            grad_w = weight_gradient(rows, x)
         if ctx.needs_input_grad[2]:
             grad_b = _bias_grad(rows)
         return grad_x, grad_w, grad_b
