@@ -7,11 +7,12 @@ this path and 10 ms after; docs/benchmarks.md, seventh round).
 oneDNN's linear primitive, which torch exposes as `torch.ops.mkldnn._linear_pointwise` (the op its own
 compiler emits for CPU linears), adds the bias in the matmul's epilogue; it has no backward, so
 `_FusedBiasLinear` gives it addmm's, with one difference: the weight and bias gradients are fp32 sums
-(`weight_gradient`: an AMX kernel where the CPU has AMX; `_bias_grad`: a column-sum kernel) where addmm's
-backward rounds them to bf16. Measured in the d256 recipe's training step (docs/benchmarks.md, seventh
-and eighth rounds): outputs and input gradients equal, the step 3-4% faster with the fused bias and
-another 3-6% with the AMX weight gradients. Every other case (fp32, fp16, no grad, GPUs, quantized
-layers, a torch without that op) calls the layer itself.
+where addmm's backward rounds them to bf16 (with AMX both from one pass over the output gradient,
+`weight_bias_grad`; else `weight_gradient` and `_bias_grad`). Measured in the d256 recipe's training
+step (docs/benchmarks.md, seventh and eighth rounds): outputs and input gradients equal, the step 3-4%
+faster with the fused bias, another 3-6% with the AMX weight gradients and 1-5% with their shared
+pass. Every other case (fp32, fp16, no grad, GPUs, quantized layers, a torch without that op) calls the
+layer itself.
 """
 
 from __future__ import annotations
