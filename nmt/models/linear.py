@@ -6,13 +6,13 @@ the d256 recipe's training step on 2 Sapphire Rapids cores, `aten::copy_` took 2
 this path and 10 ms after; docs/benchmarks.md, seventh round).
 oneDNN's linear primitive, which torch exposes as `torch.ops.mkldnn._linear_pointwise` (the op its own
 compiler emits for CPU linears), adds the bias in the matmul's epilogue; it has no backward, so
-`_FusedBiasLinear` gives it addmm's, with one difference: the weight and bias gradients are fp32 sums
-where addmm's backward rounds them to bf16 (with AMX both from one pass over the output gradient,
-`weight_bias_grad`; else `weight_gradient` and `_bias_grad`). Measured in the d256 recipe's training
-step (docs/benchmarks.md, seventh and eighth rounds): outputs and input gradients equal, the step 3-4%
-faster with the fused bias, another 3-6% with the AMX weight gradients and 1-5% with their shared
-pass. Every other case (fp32, fp16, no grad, GPUs, quantized layers, a torch without that op) calls the
-layer itself.
+`_FusedBiasLinear` gives it addmm's, with one difference: with nmt's compiled kernels the bias gradient
+is an fp32 sum where addmm's backward rounds it to bf16 (`_bias_grad`), and with AMX the weight gradient
+too, both from one pass over the output gradient (`weight_bias_grad`; else `weight_gradient`).
+Measured in the d256 recipe's training step (docs/benchmarks.md, seventh and eighth rounds): outputs
+and input gradients equal, the step 3-4% faster with the fused bias, another 3-6% with the AMX weight
+gradients and 1-5% with their shared pass. Every other case (fp32, fp16, no grad, GPUs, quantized
+layers, a torch without that op) calls the layer itself.
 """
 
 from __future__ import annotations
