@@ -29,6 +29,7 @@ _AMX_FLAGS = ["-mamx-tile", "-mamx-bf16"]  # without them (a compiler before GCC
 unavailable_reason: str | None = None  # why extension() is None, once it has been asked
 
 
+@functools.cache
 def _cpu_flags() -> set[str]:
     try:
         line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))

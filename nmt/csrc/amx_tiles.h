@@ -75,7 +75,7 @@ inline void pack(const uint16_t* src, int64_t ld, int64_t M, int64_t width, int6
         _mm512_storeu_ps(column_sums + col, sum);
       }
       if (transposed) transpose16(r);
-      uint16_t* tile = out + ((col / 16) * steps + s) * (kTileBytes / 2);
+      uint16_t* tile = out + ((col / 16) * steps + s) * kTileElements;
       for (int i = 0; i < 16; ++i) _mm512_storeu_si512(tile + 32 * i, r[i]);
     }
   }

@@ -24,9 +24,16 @@
 namespace nmt {
 
 #ifndef NMT_NO_AMX
+
+bool amx_available() {
+  // Linux hands out the AMX tile state only on request (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA)
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return granted;
+}
+
 namespace {
 
-using amx::kTileBytes;
+using amx::kTileElements;
 using amx::pack;
 
 constexpr int64_t kChunk = 256;  // rows packed at once (a multiple of 32)
@@ -53,13 +60,13 @@ void accumulate(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t N, i
           _tile_zero(2);
           _tile_zero(3);
         }
-        const uint16_t* a = a_pack + (n / 16) * steps * (kTileBytes / 2);
-        const uint16_t* b = b_pack + (k / 16) * steps * (kTileBytes / 2);
+        const uint16_t* a = a_pack + (n / 16) * steps * kTileElements;
+        const uint16_t* b = b_pack + (k / 16) * steps * kTileElements;
         for (int64_t s = 0; s < steps; ++s) {
-          _tile_loadd(4, a + s * (kTileBytes / 2), 64);
-          _tile_loadd(5, a + (steps + s) * (kTileBytes / 2), 64);
-          _tile_loadd(6, b + s * (kTileBytes / 2), 64);
-          _tile_loadd(7, b + (steps + s) * (kTileBytes / 2), 64);
+          _tile_loadd(4, a + s * kTileElements, 64);
+          _tile_loadd(5, a + (steps + s) * kTileElements, 64);
+          _tile_loadd(6, b + s * kTileElements, 64);
+          _tile_loadd(7, b + (steps + s) * kTileElements, 64);
           _tile_dpbf16ps(0, 4, 6);
           _tile_dpbf16ps(1, 4, 7);
           _tile_dpbf16ps(2, 5, 6);
@@ -74,16 +81,6 @@ void accumulate(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t N, i
     add = true;
   }
 }
-
-}  // namespace
-
-bool amx_available() {
-  // Linux hands out the AMX tile state only on request (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA)
-  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-  return granted;
-}
-
-namespace {
 
 // dY^T X (onto `out` when given) and, with `bias`, dY's column sums as well (read in the same pass)
 std::vector<at::Tensor> weight_and_bias_grad(const at::Tensor& grad, const at::Tensor& x,
@@ -113,8 +110,8 @@ std::vector<at::Tensor> weight_and_bias_grad(const at::Tensor& grad, const at::T
   const uint16_t *dy = bf16_data(grad), *xp = bf16_data(x);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     amx::TileScope tiles;
-    auto a_pack = at::empty({N / 16, kChunk / 32, kTileBytes / 2}, x.options());
-    auto b_pack = at::empty({K / 16, kChunk / 32, kTileBytes / 2}, x.options());
+    auto a_pack = at::empty({N / 16, kChunk / 32, kTileElements}, x.options());
+    auto b_pack = at::empty({K / 16, kChunk / 32, kTileElements}, x.options());
     for (int64_t task = begin; task < end; ++task) {
       const int64_t first = std::min(units, task * per_task), last = std::min(units, (task + 1) * per_task);
       if (split_rows) {
