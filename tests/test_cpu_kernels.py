@@ -97,6 +97,21 @@ def test_column_sums_refuse_what_they_cannot_read():
         cpu_kernels.extension().column_sums(torch.ones(2, 4, 8).bfloat16())
 
 
+@needs_kernels
+@pytest.mark.parametrize("rows, cols", [(0, 16), (32, 16), (96, 48), (8000, 256)])
+def test_transpose_is_the_row_major_transpose(rows, cols):
+    x = torch.randn(rows, cols).bfloat16()
+    assert torch.equal(cpu_kernels.extension().transpose_bf16(x), x.t().contiguous())
+
+
+@needs_kernels
+def test_transpose_refuses_what_it_cannot_move():
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        cpu_kernels.extension().transpose_bf16(torch.ones(31, 16).bfloat16())
+    with pytest.raises(RuntimeError, match="contiguous bf16"):
+        cpu_kernels.extension().transpose_bf16(torch.ones(32, 16))
+
+
 needs_amx = pytest.mark.skipif(not cpu_kernels.amx_usable(), reason="no AMX kernels on this machine")
 
 

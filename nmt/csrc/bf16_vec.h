@@ -60,6 +60,41 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// The 16 pairs (a[c], b[c]) of two rows of 16 bf16 as 32-bit lanes (a in the low half); a null row reads as 0.
+inline __m512i paired(const uint16_t* a, const uint16_t* b) {
+  const __m256i zero = _mm256_setzero_si256();
+  const __m512i lo = _mm512_cvtepu16_epi32(a ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)) : zero);
+  const __m512i hi = _mm512_cvtepu16_epi32(b ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)) : zero);
+  return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+}
+
+// r[i][j] -> r[j][i] for a 16 x 16 block of 32-bit values
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // u[g + c]: lane L holds column 4L + c of rows g..g+3
+    u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+    u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+    u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+    u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    t[c] = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88);
+    t[4 + c] = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
+    t[8 + c] = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+    t[12 + c] = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
+    r[8 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xdd);
+    r[4 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0xdd);
+  }
+}
+
 inline void check_bf16(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.is_contiguous(), name,
               " must be a contiguous bf16 CPU tensor");

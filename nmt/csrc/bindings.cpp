@@ -14,6 +14,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_norm_forward", &nmt::layer_norm_forward, "LayerNorm of bf16 rows (fp32 weight, bias): y, mean, rstd");
   m.def("layer_norm_backward", &nmt::layer_norm_backward, "gradients of layer_norm_forward: x, weight, bias");
   m.def("column_sums", &nmt::column_sums, "fp32 sums over the rows of a bf16 [rows, N] matrix");
+  m.def("transpose_bf16", &nmt::transpose_bf16, "row-major copy of x^T, bf16 [R, C] (R % 32 == 0, C % 16 == 0)");
   m.def("weight_grad", &nmt::weight_grad, "dY^T X in fp32 from bf16 dY [M, N] and X [M, K], with AMX (+ out)",
         py::arg("grad"), py::arg("x"), py::arg("out") = py::none());
   m.def("weight_bias_grad", &nmt::weight_bias_grad, "(dY^T X, dY's column sums) in fp32, with AMX");

@@ -29,6 +29,9 @@ std::vector<at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Te
 // column_sums.cpp: fp32 sums over the rows of a bf16 [rows, N] matrix (a Linear layer's bias gradient)
 at::Tensor column_sums(const at::Tensor& x);
 
+// transpose.cpp: a row-major copy of x^T for bf16 x [R, C] (R a multiple of 32, C of 16)
+at::Tensor transpose_bf16(const at::Tensor& x);
+
 // weight_grad.cpp: dY^T X in fp32 from bf16 dY [M, N], X [M, K] with AMX (N, K multiples of 32), added
 // onto `out` when given; whether this process may use AMX
 at::Tensor weight_grad(const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& out);
