@@ -9,7 +9,7 @@ import torch
 
 from nmt.config import OptimizerConfig, ScheduleConfig
 from nmt.errors import NmtError
-from nmt.training.optim import build_optimizer, build_scheduler
+from nmt.training.optim import build_optimizer, build_scheduler, clip_gradients
 
 PEAK = 1e-3
 
@@ -174,3 +174,35 @@ def test_optimizer_lr_follows_the_schedule_in_every_group():
 def test_invalid_combinations_name_the_key(cfg, max_steps, key):
     with pytest.raises(NmtError, match=key.replace(".", r"\.")):
         build_scheduler(optimizer(), cfg, max_steps)
+
+
+def _two_models(fused: bool):
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(16, 8) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    return models, [torch.optim.Adam(m.parameters(), lr=0.1, fused=fused, foreach=None if fused else True)
+                    for m in models]
+
+
+@pytest.mark.parametrize("fused, in_step", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("max_norm", [0.01, 100.0])  # clipped / left alone
+def test_clip_gradients_steps_like_clip_grad_norm(fused, in_step, max_norm):
+    (ours, reference), (opt, ref_opt) = _two_models(fused)
+    for _ in range(3):
+        x = torch.randn(4, 16)
+        for model in (ours, reference):
+            model(x).square().sum().backward()
+        clip_gradients(opt, max_norm, in_step=in_step)
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
+        opt.step()
+        ref_opt.step()
+        for o in (opt, ref_opt):
+            o.zero_grad(set_to_none=True)
+    for p, q in zip(ours.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_gradients_without_gradients_does_nothing():
+    (model, _), (opt, _) = _two_models(True)
+    clip_gradients(opt, 1.0)
+    assert opt.grad_scale is None and all(p.grad is None for p in model.parameters())

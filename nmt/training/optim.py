@@ -49,6 +49,28 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) 
     return adam(params, lr=cfg.lr, betas=_betas(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, **speed)
 
 
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float, in_step: bool = True) -> None:
+    """Scale the gradients of `optimizer`'s parameters so that their total 2-norm is at most max_norm
+    (as `torch.nn.utils.clip_grad_norm_`). With `in_step`, a fused optimizer gets the factor as its
+    `grad_scale` (its kernel divides each gradient by it on its way in) instead of a pass over every
+    gradient; the next call sets or clears it, so call it before every step of such an optimizer. Pass
+    in_step=False when a GradScaler steps the optimizer: it sets grad_scale itself."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    fused = in_step and bool(optimizer.defaults.get("fused"))
+    if fused:
+        optimizer.grad_scale = None
+    if not grads:
+        return
+    total = float(torch.nn.utils.get_total_norm(grads))
+    coef = max_norm / (total + 1e-6)
+    if coef >= 1.0:
+        return
+    if fused and math.isfinite(total):
+        optimizer.grad_scale = torch.tensor(1.0 / coef, device=grads[0].device)
+    else:
+        torch._foreach_mul_(grads, coef)
+
+
 def _betas(betas: list[float]) -> tuple[float, float]:
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise NmtError(f"train.optimizer.betas: expected two numbers in [0, 1), got {betas!r}")

@@ -39,7 +39,7 @@ from nmt.models.zoo import build_model
 from nmt.training.checkpoint import load_checkpoint, save_checkpoint
 from nmt.training.distributed import Distributed, setup
 from nmt.training.loss import label_smoothed_nll, output_label_smoothed_nll
-from nmt.training.optim import build_optimizer, build_scheduler
+from nmt.training.optim import build_optimizer, build_scheduler, clip_gradients
 from nmt.training.precision import autocast, make_grad_scaler, resolve_precision
 
 MAX_NONFINITE_IN_A_ROW = 5
@@ -309,7 +309,7 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.train.clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_norm)
+            clip_gradients(self.optimizer, self.cfg.train.clip_norm, in_step=self.scaler is None)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
