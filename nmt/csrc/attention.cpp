@@ -92,12 +92,20 @@ void pair_gemm(int64_t M, int64_t N, int64_t P, const uint32_t* a, int64_t sam, 
   }
 }
 
-// out[p, j] = pair p of row j (j < rows; columns up to ld are zero): the pair layout of X^T for X [rows, 2P]
+// out[p, j] = pair p of row j (j < rows; columns up to ld are zero): the pair layout of X^T for X [rows, 2P];
+// ld a multiple of 16. Blocks of 16 rows x 16 pairs, transposed in registers.
 void transpose_pairs(const uint16_t* x, int64_t rows, int64_t stride, int64_t P, uint32_t* out, int64_t ld) {
-  for (int64_t p = 0; p < P; ++p) std::memset(out + p * ld + rows, 0, (ld - rows) * sizeof(uint32_t));
-  for (int64_t j = 0; j < rows; ++j) {
-    const uint32_t* row = reinterpret_cast<const uint32_t*>(x + j * stride);
-    for (int64_t p = 0; p < P; ++p) out[p * ld + j] = row[p];
+  const int64_t padded = round_up(rows, 16);
+  for (int64_t p = 0; p < P; ++p) std::memset(out + p * ld + padded, 0, (ld - padded) * sizeof(uint32_t));
+  for (int64_t j0 = 0; j0 < rows; j0 += 16) {
+    for (int64_t p0 = 0; p0 < P; p0 += 16) {
+      const __mmask16 lanes = P - p0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (P - p0)) - 1);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = j0 + i < rows ? _mm512_maskz_loadu_epi32(lanes, x + (j0 + i) * stride + 2 * p0) : _mm512_setzero_si512();
+      transpose16(r);  // r[c]: pair p0 + c of rows j0 .. j0 + 15
+      for (int c = 0; c < 16 && p0 + c < P; ++c) _mm512_storeu_si512(out + (p0 + c) * ld + j0, r[c]);
+    }
   }
 }
 
@@ -234,11 +242,13 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
         for (int64_t j = 0; j < n.S; j += 32) {
           const __m512 lo = _mm512_mul_ps(_mm512_loadu_ps(row + j), inverse);
           const __m512 hi = _mm512_mul_ps(_mm512_loadu_ps(row + j + 16), inverse);
-          store32(p_out + j, n.S - j, lo, hi);
+          // dropout of the bf16-rounded P, as the tensor-op path drops the bf16 weights (rounded in registers:
+          // reading back the masked store would stall on store forwarding)
+          const __m512i rounded = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+          _mm512_mask_storeu_epi16(p_out + j, first_lanes(n.S - j), rounded);
           const __mmask32 keep = drop.keep(item * n.T + t, j / 32);
-          // dropout of the bf16-rounded P, as the tensor-op path drops the bf16 weights
-          __m512 rlo, rhi;
-          load32(p_out + j, n.S - j, rlo, rhi);
+          __m512 rlo = bf16_to_fp32(_mm512_castsi512_si256(rounded));
+          __m512 rhi = bf16_to_fp32(_mm512_extracti64x4_epi64(rounded, 1));
           scale_where(rlo, rhi, keep, drop.scale);
           store32(d_out + j, n.S - j, rlo, rhi);
         }
