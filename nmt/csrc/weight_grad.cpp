@@ -3,11 +3,11 @@
 //
 // The reduction runs over the M rows (tokens), the strided dimension of both operands, so a matmul
 // library must repack both: oneDNN's bf16 matmul of this layout ran at a third to a half of its speed
-// for [M, K] x [K, N] in the d256 recipe's profiles. Here the rows are split between the threads; each
-// packs 256 rows at a time into AMX tiles -- dY transposed (pairs of rows interleaved, then 16 x 16
-// blocks of 32-bit pairs transposed with AVX-512 shuffles), X as row pairs (AMX's VNNI layout of its
-// right operand) -- and accumulates its [N, K] sums in fp32 tiles of 32 x 32; the threads' sums are
-// added at the end (onto `out` when given). Rows past M are packed as zeros. N and K must be multiples of 32.
+// for [M, K] x [K, N] in the d256 recipe's profiles. Here the threads split dY's columns (or, where X is
+// the wider operand, the rows); each packs 256 rows at a time into AMX tiles -- dY transposed (pairs of
+// rows interleaved, then 16 x 16 blocks of 32-bit pairs transposed with AVX-512 shuffles), X as row pairs
+// (AMX's VNNI layout of its right operand) -- and accumulates its part of [N, K] in fp32 tiles of 32 x 32
+// (with split rows, the threads' sums are added at the end; onto `out` when given). Rows past M are packed as zeros. N and K must be multiples of 32.
 // weight_bias_grad also returns dY's fp32 column sums (the bias gradient), taken while dY is packed.
 #include <ATen/Parallel.h>
 #include <sys/syscall.h>
@@ -96,11 +96,11 @@ std::vector<at::Tensor> weight_and_bias_grad(const at::Tensor& grad, const at::T
                     out->dim() == 2 && out->size(0) == N && out->size(1) == K,
                 "out must be a contiguous fp32 CPU tensor [N, K]");
   auto options = x.options().dtype(at::kFloat);
-  // The threads split the rows (each sums all of [N, K]; the sums are added at the end), or, for outputs
-  // large next to the rows (the output layer's [V, H] from a few hundred rows), the columns of dY (each
-  // packs all of X; no sums to add).
+  // The threads split the columns of dY (each packs all of X; no sums to add), or, where X is the wider
+  // operand (so packing all of it in every thread costs more than adding the sums) or dY too narrow to
+  // share, the rows (each sums all of [N, K]; the sums are added at the end).
   const int64_t threads = at::get_num_threads();
-  const bool split_rows = 3 * N <= M || N < 64 * threads;
+  const bool split_rows = K > N || N < 64 * threads;
   const int64_t units = split_rows ? (M + kChunk - 1) / kChunk : N / 32;  // row chunks or 32-column blocks
   const int64_t tasks = std::max<int64_t>(1, std::min(threads, units));
   const int64_t per_task = (units + tasks - 1) / tasks;
