@@ -5,13 +5,16 @@ the machine's drift (docs/benchmarks.md, sixth round).
     .venv/bin/python scripts/bench_ab.py --switch fused-linear --steps 30
     .venv/bin/python scripts/bench_ab.py --attr nmt.training.loss:FUSED_BLOCK_ROWS=256,1024 --steps 30
     .venv/bin/python scripts/bench_ab.py --swap nmt.training.loss:_OutputLayerCrossEntropy@6dc8253 --steps 40
+    .venv/bin/python scripts/bench_ab.py --kernels nmt.models.linear@5cadae4 --steps 60
 
 Builds the library's Trainer once (Multi30k en-de, the d256 recipe, bf16, as `bench_train.py`) and runs
 every batch twice, once with each variant, alternating which goes first; prints the mean time per
 update of each and the per-update ratios. `--switch NAME` turns one of the library's fast paths off (A)
 and on (B); `--attr MODULE:NAME=A,B` sets a module-level integer to A, then B; `--swap MODULE:NAME@REV`
 sets the module attribute NAME to its definition in MODULE's source at git revision REV (A), then to the
-work tree's (B) -- for a change inside one function or class.
+work tree's (B) -- for a change inside one function or class; `--kernels MODULE[,MODULE...]@REV` hands
+the listed modules the compiled kernels built from `nmt/csrc` at revision REV (A), then the work tree's
+(B) -- for a change inside a kernel.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Callable
@@ -105,6 +109,47 @@ def swap_variants(spec: str) -> dict[str, Callable[[], None]]:
             name: lambda: setattr(module, name, new_value)}
 
 
+def kernel_variants(spec: str) -> dict[str, Callable[[], None]]:
+    """MODULE[,MODULE...]@REV -> {"kernels@REV": those modules use the kernels built from nmt/csrc at REV,
+    "kernels": the work tree's}; ValueError saying what is wrong. Builds REV's sources (about 30 s, cached
+    by torch under a name of its own)."""
+    from torch.utils.cpp_extension import load
+
+    from nmt import cpu_kernels
+
+    names, _, rev = spec.partition("@")
+    if not (names and rev):
+        raise ValueError(f"--kernels {spec!r}: expected MODULE[,MODULE...]@REV")
+    try:
+        modules = [importlib.import_module(name) for name in names.split(",")]
+    except ImportError as error:
+        raise ValueError(f"--kernels {spec!r}: {error}") from None
+    if not all(getattr(m, "cpu_kernels", None) is cpu_kernels for m in modules):
+        raise ValueError(f"--kernels {spec!r}: every module must import nmt.cpu_kernels")
+    if cpu_kernels.extension() is None:
+        raise ValueError(f"--kernels {spec!r}: no compiled kernels here ({cpu_kernels.unavailable_reason})")
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", f"{rev}^{{commit}}"],
+                            capture_output=True, text=True)
+    if commit.returncode:
+        raise ValueError(f"--kernels {spec!r}: unknown revision {rev}")
+    source_dir = Path(tempfile.mkdtemp(prefix=f"nmt_kernels_{commit.stdout.strip()}_"))
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit.stdout.strip(), "nmt/csrc"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(source_dir)], input=archive, check=True)
+    csrc = source_dir / "nmt" / "csrc"
+    old = load(name=f"nmt_kernels_ab_{commit.stdout.strip()}", sources=[str(p) for p in sorted(csrc.glob("*.cpp"))],
+               extra_cflags=[*cpu_kernels._COMPILE_FLAGS, *cpu_kernels._AMX_FLAGS, f"-I{csrc}"],
+               extra_ldflags=["-fopenmp"], verbose=False)
+    shutil.rmtree(source_dir, ignore_errors=True)
+    old_kernels = types.SimpleNamespace(extension=lambda: old, usable_on=cpu_kernels.usable_on,
+                                        amx_usable=lambda: cpu_kernels.amx_usable() and old.amx_available())
+
+    def use(kernels: object) -> Callable[[], None]:
+        return lambda: [setattr(m, "cpu_kernels", kernels) for m in modules] and None
+
+    return {f"kernels@{rev}": use(old_kernels), "kernels": use(cpu_kernels)}
+
+
 def paired_times(variants: dict[str, Callable[[], None]], steps: int, skip: int, data: str,
                  cache: str) -> dict[str, list[float]]:
     """Seconds per update of each of the two variants (each applied by its callable right before its
@@ -156,13 +201,16 @@ def main() -> None:
     choice.add_argument("--attr", metavar="MODULE:NAME=A,B", help="a module-level integer: A vs B")
     choice.add_argument("--swap", metavar="MODULE:NAME@REV",
                         help="a module attribute as defined at git revision REV vs the work tree's")
+    choice.add_argument("--kernels", metavar="MODULE[,MODULE...]@REV",
+                        help="those modules with the compiled kernels of git revision REV vs the work tree's")
     add_common_arguments(parser)
     args = parser.parse_args()
     try:
         if args.switch:
             variants = SWITCHES[args.switch]()
         else:
-            variants = attr_variants(args.attr) if args.attr else swap_variants(args.swap)
+            variants = (attr_variants(args.attr) if args.attr else kernel_variants(args.kernels) if args.kernels
+                        else swap_variants(args.swap))
     except ValueError as error:
         parser.error(str(error))
     print(report(paired_times(variants, args.steps, args.skip, args.data, args.cache)))
