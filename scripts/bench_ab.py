@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_train  # noqa: E402
 
 from nmt.allocator import tune_allocator  # noqa: E402
+from nmt.errors import run_reporting_errors  # noqa: E402
 
 CONFIG = ROOT / "configs/multi30k/transformer_d256_en_de.yaml"
 
@@ -217,4 +218,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_reporting_errors(main)

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_ab  # noqa: E402
 
 from nmt import cpu_kernels  # noqa: E402
+from nmt.errors import run_reporting_errors  # noqa: E402
 from nmt.models import multihead  # noqa: E402
 
 
@@ -66,4 +67,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_reporting_errors(main)

@@ -62,6 +62,7 @@ import torch  # noqa: E402
 from nmt import cpu_kernels  # noqa: E402
 from nmt.allocator import tune_allocator  # noqa: E402
 from nmt.config import load_config  # noqa: E402
+from nmt.errors import NmtError, run_reporting_errors  # noqa: E402
 from nmt.vocab import PAD_ID  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "multi30k"
@@ -81,8 +82,11 @@ def ensure_data(config: Path, overrides: list[str], data_dir: Path) -> None:
         return
     print(f"preprocessing into {data_dir} ...", file=sys.stderr)
     sets = [arg for item in overrides for arg in ("--set", item)]
-    subprocess.run([sys.executable, "-m", "nmt", "preprocess", str(config), *sets, "--quiet"], check=True,
-                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run([sys.executable, "-m", "nmt", "preprocess", str(config), *sets, "--quiet"], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
+        raise NmtError(f"preprocessing the benchmark data failed: {lines[-1].removeprefix('error: ')}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,4 +327,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_reporting_errors(main)

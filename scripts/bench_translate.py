@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 from nmt.allocator import tune_allocator  # noqa: E402
 from nmt.data.corpus import read_lines  # noqa: E402
+from nmt.errors import run_reporting_errors  # noqa: E402
 from nmt.evaluation import score  # noqa: E402
 from nmt.inference.numerics import QUANTIZE_CHOICES, decoding_model  # noqa: E402
 from nmt.inference.search import beam_search, greedy_search, max_output_lengths  # noqa: E402
@@ -182,4 +183,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_reporting_errors(main)
