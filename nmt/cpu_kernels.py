@@ -55,21 +55,28 @@ def extension() -> Any | None:
         unavailable_reason = f"the CPU lacks one of {', '.join(_CPU_FLAGS)}"
         return None
     try:
-        from torch.utils.cpp_extension import load
-
         version = torch.__version__.replace(".", "_").replace("+", "_")
-        sources = [str(SOURCE_DIR / name) for name in SOURCES]
-        # -fopenmp: at::parallel_for is OpenMP code inlined from torch's headers; without the flag it runs
-        # on one thread. The extension then shares torch's OpenMP runtime (same libgomp.so.1).
-        try:
-            return load(name=f"nmt_cpu_kernels_{version}", sources=sources, extra_cflags=_COMPILE_FLAGS + _AMX_FLAGS,
-                        extra_ldflags=["-fopenmp"], verbose=False)
-        except Exception:  # a compiler without AMX intrinsics: everything else still builds
-            return load(name=f"nmt_cpu_kernels_noamx_{version}", sources=sources,
-                        extra_cflags=[*_COMPILE_FLAGS, "-DNMT_NO_AMX"], extra_ldflags=["-fopenmp"], verbose=False)
+        return build(f"nmt_cpu_kernels_{version}", [SOURCE_DIR / name for name in SOURCES])
     except Exception as error:  # no compiler, no ninja, a failed build: the PyTorch-op paths still work
         unavailable_reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
         return None
+
+
+def build(name: str, sources: list[Path]) -> Any:
+    """Compile `sources` into the extension module `name` (cached by torch under that name), with the AMX
+    kernels, or without them (-DNMT_NO_AMX) where the compiler lacks AMX intrinsics; raises when neither
+    builds. Also used by the benchmark scripts to build an older revision's kernels beside these."""
+    from torch.utils.cpp_extension import load
+
+    paths = [str(path) for path in sources]
+    # -fopenmp: at::parallel_for is OpenMP code inlined from torch's headers; without the flag it runs
+    # on one thread. The extension then shares torch's OpenMP runtime (same libgomp.so.1).
+    try:
+        return load(name=name, sources=paths, extra_cflags=_COMPILE_FLAGS + _AMX_FLAGS, extra_ldflags=["-fopenmp"],
+                    verbose=False)
+    except Exception:  # a compiler without AMX intrinsics: everything else still builds
+        return load(name=f"{name}_noamx", sources=paths, extra_cflags=[*_COMPILE_FLAGS, "-DNMT_NO_AMX"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def status() -> str:

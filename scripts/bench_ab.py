@@ -114,8 +114,6 @@ def kernel_variants(spec: str) -> dict[str, Callable[[], None]]:
     """MODULE[,MODULE...]@REV -> {"kernels@REV": those modules use the kernels built from nmt/csrc at REV,
     "kernels": the work tree's}; ValueError saying what is wrong. Builds REV's sources (about 30 s, cached
     by torch under a name of its own)."""
-    from torch.utils.cpp_extension import load
-
     from nmt import cpu_kernels
 
     names, _, rev = spec.partition("@")
@@ -138,15 +136,16 @@ def kernel_variants(spec: str) -> dict[str, Callable[[], None]]:
                              capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(source_dir)], input=archive, check=True)
     csrc = source_dir / "nmt" / "csrc"
-    old = load(name=f"nmt_kernels_ab_{commit.stdout.strip()}", sources=[str(p) for p in sorted(csrc.glob("*.cpp"))],
-               extra_cflags=[*cpu_kernels._COMPILE_FLAGS, *cpu_kernels._AMX_FLAGS, f"-I{csrc}"],
-               extra_ldflags=["-fopenmp"], verbose=False)
+    old = cpu_kernels.build(f"nmt_kernels_ab_{commit.stdout.strip()}", sorted(csrc.glob("*.cpp")))
     shutil.rmtree(source_dir, ignore_errors=True)
     old_kernels = types.SimpleNamespace(extension=lambda: old, usable_on=cpu_kernels.usable_on,
                                         amx_usable=lambda: cpu_kernels.amx_usable() and old.amx_available())
 
     def use(kernels: object) -> Callable[[], None]:
-        return lambda: [setattr(m, "cpu_kernels", kernels) for m in modules] and None
+        def apply() -> None:
+            for module in modules:
+                module.cpu_kernels = kernels
+        return apply
 
     return {f"kernels@{rev}": use(old_kernels), "kernels": use(cpu_kernels)}
 

@@ -32,10 +32,7 @@ from nmt.models import multihead  # noqa: E402
 
 def old_attention(tree: Path) -> tuple:
     """(attend, _SplitKV) of the old tree at `tree`, its softmax kernel built from that tree's sources."""
-    from torch.utils.cpp_extension import load
-
-    kernels = load(name="nmt_old_kernels_ab", sources=[str(p) for p in sorted((tree / "nmt" / "csrc").glob("*.cpp"))],
-                   extra_cflags=cpu_kernels._COMPILE_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+    kernels = cpu_kernels.build("nmt_old_kernels_ab", sorted((tree / "nmt" / "csrc").glob("*.cpp")))
     modules = {}
     for name, replaced in (("attention_softmax", "from nmt import cpu_kernels"),
                            ("multihead", "from nmt.models import attention_softmax")):
