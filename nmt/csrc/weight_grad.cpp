@@ -7,7 +7,8 @@
 // the wider operand, the rows); each packs 256 rows at a time into AMX tiles -- dY transposed (pairs of
 // rows interleaved, then 16 x 16 blocks of 32-bit pairs transposed with AVX-512 shuffles), X as row pairs
 // (AMX's VNNI layout of its right operand) -- and accumulates its part of [N, K] in fp32 tiles of 32 x 32
-// (with split rows, the threads' sums are added at the end; onto `out` when given). Rows past M are packed as zeros. N and K must be multiples of 32.
+// (with split rows, the threads' sums are added at the end; onto `out` when given). Rows past M are
+// packed as zeros. N and K must be multiples of 32.
 // weight_bias_grad also returns dY's fp32 column sums (the bias gradient), taken while dY is packed.
 #include <ATen/Parallel.h>
 #include <sys/syscall.h>
@@ -110,7 +111,8 @@ std::vector<at::Tensor> weight_and_bias_grad(const at::Tensor& grad, const at::T
   const uint16_t *dy = bf16_data(grad), *xp = bf16_data(x);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     amx::TileScope tiles;
-    auto a_pack = at::empty({N / 16, kChunk / 32, kTileElements}, x.options());
+    const int64_t packed_columns = split_rows ? N : per_task * 32;  // the widest part of dY a task packs
+    auto a_pack = at::empty({packed_columns / 16, kChunk / 32, kTileElements}, x.options());
     auto b_pack = at::empty({K / 16, kChunk / 32, kTileElements}, x.options());
     for (int64_t task = begin; task < end; ++task) {
       const int64_t first = std::min(units, task * per_task), last = std::min(units, (task + 1) * per_task);
