@@ -149,3 +149,55 @@ def test_weight_grad_refuses_what_it_cannot_compute():
         ext.weight_grad(torch.ones(4, 32).bfloat16(), torch.ones(5, 32).bfloat16())
     with pytest.raises(RuntimeError, match="out must be"):
         ext.weight_grad(torch.ones(4, 32).bfloat16(), torch.ones(4, 32).bfloat16(), torch.ones(32, 32).bfloat16())
+
+
+def output_layer_reference(h, w, bias, target, keep, k):
+    """(lse, sum z, z_target, P w, P^T h, sum_rows P) in float64, P = softmax(z) - k onehot(target), 0 off keep."""
+    z = h.double() @ w.double().t() + (0 if bias is None else bias.double())
+    rows = torch.arange(h.size(0))
+    p = torch.softmax(z, 1)
+    p[rows, target] -= k
+    p[~keep] = 0
+    return torch.logsumexp(z, 1), z.sum(1), z[rows, target], p @ w.double(), p.t() @ h.double(), p.sum(0)
+
+
+@needs_amx
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows, hidden, vocab, bias", [(32, 32, 1, False), (96, 64, 77, True), (288, 32, 300, False),
+                                                       (512, 256, 8000, True)])
+def test_output_layer_loss_is_the_loss_and_its_gradient_sums(rows, hidden, vocab, bias, threads):
+    """Whole and partial 256-row and 256-column blocks, a vocabulary padded to 32 columns, rows not kept,
+    the columns split over 1-3 threads. Row terms from fp32 logits; the gradient sums from P rounded to
+    bf16 (within its rounding of the largest entry)."""
+    gen = torch.Generator().manual_seed(rows + vocab)
+    h, w = torch.randn(rows, hidden, generator=gen).bfloat16(), (0.3 * torch.randn(vocab, hidden, generator=gen)).bfloat16()
+    b = torch.randn(vocab, generator=gen).bfloat16() if bias else None
+    target, keep = torch.randint(0, vocab, (rows,), generator=gen), torch.rand(rows, generator=gen) > 0.2
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = cpu_kernels.extension().output_layer_loss(h, w, b, target, keep, 0.9, True)
+        stats_only = cpu_kernels.extension().output_layer_loss(h, w, b, target, keep, 0.9, False)
+    finally:
+        torch.set_num_threads(before)
+    ref = output_layer_reference(h, w, b, target, keep, 0.9)
+    assert len(stats_only) == 3 and all(o.dtype == torch.float32 for o in ours)
+    for got, again, exact in zip(ours[:3], stats_only, ref[:3], strict=True):
+        torch.testing.assert_close(got[keep].double(), exact[keep], rtol=1e-5, atol=1e-3)
+        assert torch.equal(got, again)
+    for got, exact in zip(ours[3:], ref[3:], strict=True):
+        assert got.shape == exact.shape
+        torch.testing.assert_close(got.double(), exact, rtol=0, atol=4e-3 * exact.abs().max().item())
+
+
+@needs_amx
+def test_output_layer_loss_refuses_what_it_cannot_compute():
+    ext = cpu_kernels.extension()
+    h, w, keep = torch.ones(32, 32).bfloat16(), torch.ones(10, 32).bfloat16(), torch.ones(32, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="multiples of 32"):
+        ext.output_layer_loss(torch.ones(30, 32).bfloat16(), w, None, torch.zeros(30, dtype=torch.long),
+                              torch.ones(30, dtype=torch.bool), 0.9, True)
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        ext.output_layer_loss(h, w, None, torch.full((32,), 10), keep, 0.9, True)
+    with pytest.raises(RuntimeError, match="one value per row"):
+        ext.output_layer_loss(h, w, None, torch.zeros(31, dtype=torch.long), keep, 0.9, True)
