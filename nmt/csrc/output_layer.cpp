@@ -49,9 +49,17 @@ struct Operand {
   int64_t half, step, stride;
 };
 
-// c[32 x 32] (row stride ldc floats) = (accumulate ? c : 0) + sum over `steps` of a_s b_s
-inline void tile_block(float* c, int64_t ldc, bool accumulate, const Operand& a, const Operand& b, int64_t steps) {
+// c[32 x 32] (row stride ldc floats) = (accumulate ? c : 0) + sum over `steps` of a_s b_s. `next`, when given,
+// is the next call's c: its 32 rows are fetched into L1 meanwhile (a tile load of sums from L2 or memory
+// would otherwise stall the products behind it).
+inline void tile_block(float* c, int64_t ldc, bool accumulate, const Operand& a, const Operand& b, int64_t steps,
+                       const float* next = nullptr) {
   const int64_t bytes = ldc * static_cast<int64_t>(sizeof(float));
+  if (next)
+    for (int r = 0; r < 32; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + r * ldc), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(next + r * ldc + 16), _MM_HINT_T0);
+    }
   if (accumulate) {
     _tile_loadd(0, c, bytes);
     _tile_loadd(1, c + 16, bytes);
@@ -229,7 +237,8 @@ void phase_gradients(const Problem& pr, int64_t v0, int64_t v1, const float* lse
         for (int64_t n = 0; n < H; n += 32) {
           const Operand b{wc + (n / 16) * column_steps * kTileElements, column_steps * kTileElements, kTileElements,
                           64};
-          tile_block(grad_h + (r0 + 32 * s) * H + n, H, c0 != v0, a, b, column_steps);
+          float* c = grad_h + (r0 + 32 * s) * H + n;
+          tile_block(c, H, c0 != v0, a, b, column_steps, n + 32 < H ? c + 32 : c + 32 * H - n);
         }
       }
       // grad_w[c0 .. c0 + width] += P^T h[rows]; grad_b += P's column sums (taken while P is packed)
@@ -240,7 +249,8 @@ void phase_gradients(const Problem& pr, int64_t v0, int64_t v1, const float* lse
         for (int64_t n = 0; n < H; n += 32) {
           const Operand b{h_pairs.data() + (n / 16) * row_steps * kTileElements, row_steps * kTileElements,
                           kTileElements, 64};
-          tile_block(grad_w + (c0 + c) * H + n, H, r0 != 0, a, b, row_steps);
+          float* sums = grad_w + (c0 + c) * H + n;
+          tile_block(sums, H, r0 != 0, a, b, row_steps, n + 32 < H ? sums + 32 : sums + 32 * H - n);
         }
       }
     }
