@@ -23,7 +23,7 @@ import torch
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("attention.cpp", "bindings.cpp", "column_sums.cpp", "dropout.cpp", "layer_norm.cpp", "loss.cpp",
-           "output_layer.cpp", "transpose.cpp", "weight_grad.cpp")
+           "transpose.cpp", "weight_grad.cpp")
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16")
 _COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 _AMX_FLAGS = ["-mamx-tile", "-mamx-bf16"]  # without them (a compiler before GCC 11): NMT_NO_AMX, no AMX kernel

@@ -241,14 +241,13 @@ def test_fused_loss_accepts_batched_hidden_and_tied_weights(fused_blocks):
 
 @pytest.mark.parametrize("with_kernels", [True, False], ids=["cpu-kernels", "tensor-ops"])
 def test_fused_loss_under_bf16_autocast_matches_the_autocast_linear(fused_blocks, with_kernels, monkeypatch):
-    """Under autocast the logits are bf16 matmuls in the block by block paths: same loss, gradients within
-    bf16 rounding (the fused weight gradient sums per-group bf16 partial products in fp32). The per-row
-    passes over the logits run in nmt/csrc/loss.cpp where it is available, else as tensor ops."""
+    """Under autocast the logits are bf16 matmuls in both paths: same loss, gradients within bf16 rounding
+    (the fused weight gradient sums per-group bf16 partial products in fp32). The per-row passes over the
+    logits run in nmt/csrc/loss.cpp where it is available, else as tensor ops."""
     if with_kernels and cpu_kernels.extension() is None:
         pytest.skip(f"CPU kernels unavailable: {cpu_kernels.unavailable_reason}")
     if not with_kernels:
         monkeypatch.setattr(cpu_kernels, "extension", lambda: None)
-    monkeypatch.setattr(loss_module, "AMX_OUTPUT_LAYER", 0)
     layer, h, target = output_batch(rows=40, hidden=64, vocab=300)
     ours_h, ref_h = h.clone().requires_grad_(), h.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -266,33 +265,6 @@ def test_fused_loss_under_bf16_autocast_matches_the_autocast_linear(fused_blocks
     refs = [p.grad for p in layer.parameters()]
     for ours, ref in [(ours_h.grad, ref_h.grad), *zip(ours_grads, refs, strict=True)]:
         torch.testing.assert_close(ours, ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
-
-
-@pytest.mark.skipif(not cpu_kernels.amx_usable(), reason="no AMX kernels on this machine")
-@pytest.mark.parametrize("bias", [True, False])
-def test_amx_output_layer_under_bf16_autocast_keeps_the_logits_in_fp32(bias):
-    """The AMX kernel (nmt/csrc/output_layer.cpp) multiplies the bf16 operands into fp32 logits and keeps
-    them: the loss of those logits, gradients within bf16 rounding of theirs; the loss within bf16 rounding
-    of the autocast linear's (whose logits are rounded to bf16)."""
-    layer, h, target = output_batch(rows=40, hidden=64, vocab=300, bias=bias)
-    ours_h = h.clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, nll, _ = loss_module.output_label_smoothed_nll(ours_h, layer.weight, layer.bias, target, 0.1)
-        autocast_loss, _, _ = label_smoothed_nll(layer(h), target, 0.1)
-    loss.backward()
-    ours_grads = [ours_h.grad, *(p.grad.clone() for p in layer.parameters())]
-    layer.zero_grad()
-    exact = [h.bfloat16().float().requires_grad_(), layer.weight.detach().bfloat16().float().requires_grad_()]
-    if bias:
-        exact.append(layer.bias.detach().bfloat16().float().requires_grad_())
-    exact_loss, exact_nll, _ = label_smoothed_nll(torch.nn.functional.linear(*exact), target, 0.1)
-    exact_loss.backward()
-    torch.testing.assert_close(loss, exact_loss, rtol=1e-5, atol=0)
-    torch.testing.assert_close(nll, exact_nll, rtol=1e-5, atol=0)
-    torch.testing.assert_close(loss, autocast_loss.float(), rtol=1e-3, atol=0)
-    for ours, ref in zip(ours_grads, exact, strict=True):
-        assert ours.dtype == torch.float32
-        torch.testing.assert_close(ours, ref.grad, atol=1e-2 * ref.grad.abs().max().item(), rtol=0)
 
 
 def test_fused_loss_all_padding_and_invalid_smoothing():

@@ -11,11 +11,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("logit_row_stats", &nmt::logit_row_stats, "(log-sum-exp, sum, target logit) of each row of bf16 logits");
   m.def("softmax_minus_target", &nmt::softmax_minus_target,
         "out = scale * softmax(logits) - k * onehot(target) on kept rows, 0 on the others (bf16)");
-  m.def("output_layer_loss", &nmt::output_layer_loss,
-        "(lse, sum z, z_target) of z = hidden weight^T + bias per row; with gradients also P w, P^T hidden, "
-        "sum_rows P for P = softmax(z) - k onehot(target), with AMX",
-        py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("target"), py::arg("keep"), py::arg("k"),
-        py::arg("gradients"));
   m.def("layer_norm_forward", &nmt::layer_norm_forward, "LayerNorm of bf16 rows (fp32 weight, bias): y, mean, rstd");
   m.def("layer_norm_backward", &nmt::layer_norm_backward, "gradients of layer_norm_forward: x, weight, bias");
   m.def("column_sums", &nmt::column_sums, "fp32 sums over the rows of a bf16 [rows, N] matrix");

@@ -19,13 +19,6 @@ std::vector<at::Tensor> logit_row_stats(const at::Tensor& logits, const at::Tens
 void softmax_minus_target(const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& target,
                           const at::Tensor& keep, double scale, double k, at::Tensor& out);
 
-// output_layer.cpp: the output layer's label-smoothed cross-entropy with AMX, without the [R, V] logits:
-// (lse, sum z, z_target) per row and, with `gradients`, the fp32 sums P w, P^T h and sum_rows P of
-// P = softmax(z) - k onehot(target) (0 on rows not kept)
-std::vector<at::Tensor> output_layer_loss(const at::Tensor& hidden, const at::Tensor& weight,
-                                          const std::optional<at::Tensor>& bias, const at::Tensor& target,
-                                          const at::Tensor& keep, double k, bool gradients);
-
 // layer_norm.cpp: LayerNorm of bf16 rows with fp32 weight and bias -> (y, mean, rstd); its gradients
 // (grad_x, grad_weight, grad_bias)
 std::vector<at::Tensor> layer_norm_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,

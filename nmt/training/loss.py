@@ -23,7 +23,7 @@ on a GPU it is done in one block.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -226,29 +226,6 @@ def _column_sums(x: torch.Tensor) -> torch.Tensor:
     return kernels.column_sums(x) if kernels is not None else x.sum(0, dtype=torch.float32)
 
 
-# The output layer and its loss in one AMX kernel on the CPU (`nmt/csrc/output_layer.cpp`; 0: the block
-# by block path below, with oneDNN's matmuls): no [rows, V] logits or gradient in memory, at the price of
-# computing the logits twice.
-AMX_OUTPUT_LAYER = 1
-
-
-def _amx_kernels_for(h: torch.Tensor, w: torch.Tensor) -> Any | None:
-    """`nmt.cpu_kernels`' module when its AMX output-layer kernel applies to bf16 h [rows, H], w [V, H]
-    (rows and H multiples of 32), else None."""
-    if not AMX_OUTPUT_LAYER or h.size(0) % 32 or h.size(1) % 32:
-        return None
-    kernels = _kernels_for(h, w)
-    return kernels if kernels is not None and cpu_kernels.amx_usable() else None
-
-
-class _Sums(NamedTuple):
-    """The gradient's sums P w, P^T h, sum_rows P (fp32; None where not wanted), as `_GradientSums` holds them."""
-
-    hidden: torch.Tensor | None
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-
-
 class _GradientSums:
     """The [rows, V] part of the output layer's gradient, P = scale * softmax(z) - k * onehot(y) on real rows
     (0 on padding rows), written block by block of rows and multiplied out: P w -> [rows, H],
@@ -312,29 +289,19 @@ class _OutputLayerCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         rows, vocab = h.size(0), w.size(0)
+        lse = torch.empty(rows, dtype=torch.float32, device=h.device)
+        uniform_row = torch.empty_like(lse)
+        nll_row = torch.empty_like(lse)
         safe_target = target.masked_fill(~keep, 0).unsqueeze(1)
-        amx = _amx_kernels_for(h, w)
-        sums: _GradientSums | _Sums | None = None
-        if amx is not None:  # one kernel: the logits never leave the cache
-            lse, total, at_target, *grads = amx.output_layer_loss(h, w, b, safe_target.reshape(-1), keep,
-                                                                  1.0 - smoothing, precompute)
-            uniform_row, nll_row = vocab * lse - total, lse - at_target
-            if precompute:
-                wanted = [grad if need else None for grad, need in zip(grads, ctx.needs_input_grad[:3])]
-                sums = _Sums(*wanted[:2], wanted[2] if b is not None else None)
-        else:
-            lse = torch.empty(rows, dtype=torch.float32, device=h.device)
-            uniform_row = torch.empty_like(lse)
-            nll_row = torch.empty_like(lse)
-            kernels = _kernels_for(h, w)
-            blocks = _fused_blocks(rows, h.device)
-            sums = _GradientSums(h, w, b, ctx.needs_input_grad[:3], blocks) if precompute else None
-            wt = _logits_operand(w)
-            for i, block in enumerate(blocks):
-                z = _block_logits(h[block], wt, b)
-                lse[block], uniform_row[block], nll_row[block] = _row_terms(z, safe_target[block], kernels)
-                if sums is not None:
-                    sums.add(i, block, z, lse, safe_target, keep, 1.0, 1.0 - smoothing)
+        kernels = _kernels_for(h, w)
+        blocks = _fused_blocks(rows, h.device)
+        sums = _GradientSums(h, w, b, ctx.needs_input_grad[:3], blocks) if precompute else None
+        wt = _logits_operand(w)
+        for i, block in enumerate(blocks):
+            z = _block_logits(h[block], wt, b)
+            lse[block], uniform_row[block], nll_row[block] = _row_terms(z, safe_target[block], kernels)
+            if sums is not None:
+                sums.add(i, block, z, lse, safe_target, keep, 1.0, 1.0 - smoothing)
         nll = nll_row.masked_fill(~keep, 0.0).sum()
         uniform_nll = uniform_row.masked_fill(~keep, 0.0).sum()
         loss = (1.0 - smoothing) * nll + (smoothing / vocab) * uniform_nll
