@@ -20,6 +20,9 @@
 #include "bf16_vec.h"
 #include "keep_bits.h"
 #include "kernels.h"
+#ifndef NMT_NO_AMX
+#include "amx_tiles.h"
+#endif
 
 namespace nmt {
 namespace {
@@ -101,6 +104,77 @@ void pair_gemm(int64_t M, int64_t N, int64_t P, const uint32_t* a, int64_t sam, 
   }
 }
 
+#ifndef NMT_NO_AMX
+// C[Mp, Np] (row stride ldc floats) = A B with AMX, for A [Mp, K] bf16 rows (stride lda) and B as pairs
+// [K / 2, ldb] (the layout pair_gemm reads); Mp, Np and K multiples of 32, every row and column of them
+// readable (the callers' buffers are padded with zeros). Needs the tiles configured (amx::TileScope).
+void amx_gemm(int64_t Mp, int64_t Np, int64_t K, const uint16_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
+              float* c, int64_t ldc) {
+  const int64_t a_bytes = 2 * lda, b_bytes = 4 * ldb, c_bytes = 4 * ldc;
+  for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+    for (int64_t n0 = 0; n0 < Np; n0 += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t k0 = 0; k0 < K; k0 += 32) {
+        _tile_loadd(4, a + m0 * lda + k0, a_bytes);
+        _tile_loadd(5, a + (m0 + 16) * lda + k0, a_bytes);
+        _tile_loadd(6, b + (k0 / 2) * ldb + n0, b_bytes);
+        _tile_loadd(7, b + (k0 / 2) * ldb + n0 + 16, b_bytes);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      float* cm = c + m0 * ldc + n0;
+      _tile_stored(0, cm, c_bytes);
+      _tile_stored(1, cm + 16, c_bytes);
+      _tile_stored(2, cm + 16 * ldc, c_bytes);
+      _tile_stored(3, cm + 16 * ldc + 16, c_bytes);
+    }
+  }
+}
+#endif
+
+void transpose_pairs(const uint16_t* x, int64_t rows, int64_t stride, int64_t P, uint32_t* out, int64_t ld);
+
+// The products of one call: AMX where this process may use it and the head size is a multiple of 32
+// (whole 32 x 32 tiles along D), else AVX512-BF16 dot products (pair_gemm).
+struct Products {
+  bool amx = false;
+#ifndef NMT_NO_AMX
+  std::optional<amx::TileScope> tiles;  // per thread, for the duration of its items
+#endif
+  explicit Products(int64_t D) {
+#ifndef NMT_NO_AMX
+    amx = D % 32 == 0 && amx_available();
+    if (amx) tiles.emplace();
+#endif
+  }
+  // C[rows, N] = A B for A [rows, K] bf16 rows (stride lda; rows up to rows rounded to 32 readable when
+  // amx), B pairs [K / 2 (rounded up to 16 when amx), ldb]; C has rows and ldc >= N rounded up to 32
+  void gemm(int64_t rows, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
+            float* c, int64_t ldc) const {
+#ifndef NMT_NO_AMX
+    if (amx) return amx_gemm(round_up(rows, 32), round_up(N, 32), round_up(K, 32), a, lda, b, ldb, c, ldc);
+#endif
+    pair_gemm(rows, N, (K + 1) / 2, reinterpret_cast<const uint32_t*>(a), lda / 2, 1, b, ldb, c, ldc);
+  }
+  // C[M, N] = X^T B for X [K, M] given as its row pairs x_pairs [K / 2 (rounded up to 16 when amx, the
+  // rest 0), ldx >= M rounded up to 32] (interleave_rows' layout), B as in gemm; `scratch` holds
+  // ldx * K / 2 (rounded) values, for X^T's rows when amx
+  void gemm_over_pairs(int64_t M, int64_t N, int64_t K, const uint32_t* x_pairs, int64_t ldx, const uint32_t* b,
+                       int64_t ldb, float* c, int64_t ldc, uint32_t* scratch) const {
+    if (amx) {  // X^T's rows: the pairs transposed
+      const int64_t pairs = round_up(K, 32) / 2;
+      transpose_pairs(reinterpret_cast<const uint16_t*>(x_pairs), pairs, 2 * ldx, ldx, scratch, pairs);
+      return gemm(M, N, K, reinterpret_cast<const uint16_t*>(scratch), 2 * pairs, b, ldb, c, ldc);
+    }
+    pair_gemm(M, N, (K + 1) / 2, x_pairs, 1, ldx, b, ldb, c, ldc);
+  }
+};
+
 // out[p, j] = pair p of row j (j < rows; columns up to ld are zero): the pair layout of X^T for X [rows, 2P];
 // ld a multiple of 16. Blocks of 16 rows x 16 pairs, transposed in registers.
 void transpose_pairs(const uint16_t* x, int64_t rows, int64_t stride, int64_t P, uint32_t* out, int64_t ld) {
@@ -175,10 +249,10 @@ struct Dropout {
 
 struct Shape {
   int64_t B, H, T, S, D;
-  int64_t Sp, Dp, S2, T2, P;  // S, D rounded up to 32 (row lengths of the buffers); pairs along S, T, D
+  int64_t Sp, Dp, Tp, S2, T2, P;  // S, D, T rounded up to 32 (the buffers' whole tiles); pairs along S, T, D
   Shape(int64_t B, int64_t H, int64_t T, int64_t S, int64_t D)
-      : B(B), H(H), T(T), S(S), D(D), Sp(round_up(S, 32)), Dp(round_up(D, 32)), S2((S + 1) / 2), T2((T + 1) / 2),
-        P(D / 2) {}
+      : B(B), H(H), T(T), S(S), D(D), Sp(round_up(S, 32)), Dp(round_up(D, 32)), Tp(round_up(T, 32)), S2((S + 1) / 2),
+        T2((T + 1) / 2), P(D / 2) {}
 };
 
 Dropout make_dropout(int64_t threshold, double scale, int64_t seed, int64_t S) {
@@ -213,8 +287,11 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
   uint16_t* pp = bf16_data_mut(probs);
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, n.B * n.H, 4, [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> kt(n.P * n.Sp), vp(n.S2 * n.Dp), pd(n.T * n.S2);
-    std::vector<float> scores(n.T * n.Sp), out(n.T * n.Dp);
+    const Products products(n.D);
+    // zero-padded to whole 32-row / 32-column tiles: Q's rows, V's row pairs, dropout(P)'s rows and columns
+    std::vector<uint16_t> qrows(n.Tp * n.D, 0), pd(n.Tp * n.Sp, 0);
+    std::vector<uint32_t> kt(n.P * n.Sp), vp(n.Sp / 2 * n.Dp, 0);
+    std::vector<float> scores(n.Tp * n.Sp), out(n.Tp * n.Dp);
     std::vector<__mmask32> allowed((n.S + 31) / 32);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / n.H, h = item % n.H;
@@ -223,17 +300,21 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
           x->prefetch((item + 1) / n.H, (item + 1) % n.H, x == &hq ? n.T : n.S, n.D);
       transpose_pairs(hk.row(b, h, 0), n.S, hk.st, n.P, kt.data(), n.Sp);
       interleave_rows(hv.row(b, h, 0), n.S, hv.st, n.D, vp.data(), n.Dp);
-      pair_gemm(n.T, n.S, n.P, reinterpret_cast<const uint32_t*>(hq.row(b, h, 0)), hq.st / 2, 1, kt.data(), n.Sp,
-                scores.data(), n.Sp);
-      uint16_t* pd16 = reinterpret_cast<uint16_t*>(pd.data());
+      const uint16_t* q_rows = hq.row(b, h, 0);
+      int64_t q_stride = hq.st;
+      if (products.amx) {  // whole tiles read past the last query: a padded copy
+        for (int64_t t = 0; t < n.T; ++t) std::memcpy(qrows.data() + t * n.D, hq.row(b, h, t), n.D * sizeof(uint16_t));
+        q_rows = qrows.data(), q_stride = n.D;
+      }
+      products.gemm(n.T, n.S, n.D, q_rows, q_stride, kt.data(), n.Sp, scores.data(), n.Sp);
+      uint16_t* pd16 = pd.data();
       for (int64_t t = 0; t < n.T; ++t) {
         float* row = scores.data() + t * n.Sp;
         uint16_t* p_out = pp + (item * n.T + t) * n.S;
-        uint16_t* d_out = pd16 + t * 2 * n.S2;
-        d_out[2 * n.S2 - 1] = 0;  // the pad of an odd S
+        uint16_t* d_out = pd16 + t * n.Sp;  // its columns past S stay 0
         if (!allowed_keys(mask ? mask + b * n.S : nullptr, causal, n.T, n.S, t, allowed.data())) {
           std::memset(p_out, 0, n.S * sizeof(uint16_t));
-          std::memset(d_out, 0, 2 * n.S2 * sizeof(uint16_t));
+          std::memset(d_out, 0, n.S * sizeof(uint16_t));
           continue;
         }
         __m512 high = _mm512_set1_ps(-INFINITY);
@@ -265,7 +346,7 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
           store32(d_out + j, n.S - j, rlo, rhi);
         }
       }
-      pair_gemm(n.T, n.D, n.S2, pd.data(), n.S2, 1, vp.data(), n.Dp, out.data(), n.Dp);
+      products.gemm(n.T, n.D, n.S, pd16, n.Sp, vp.data(), n.Dp, out.data(), n.Dp);
       for (int64_t t = 0; t < n.T; ++t) store_row(ho.row(b, h, t), out.data() + t * n.Dp, n.D);
     }
   });
@@ -286,19 +367,26 @@ void attention_backward(const at::Tensor& grad, const at::Tensor& q, const at::T
   const uint16_t* pp = bf16_data(probs);
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, n.B * n.H, 4, [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> vt(n.P * n.Sp), kp(n.S2 * n.Dp), qp(n.T2 * n.Dp), gp(n.T2 * n.Dp);
-    std::vector<uint32_t> ds(n.T * n.S2), pd(n.T * n.S2), ds_pairs(n.T2 * n.Sp), pd_pairs(n.T2 * n.Sp);
-    std::vector<float> dp(n.T * n.Sp), out(std::max(n.T, n.S) * n.Dp);
+    const Products products(n.D);
+    // zero-padded to whole 32-row / 32-column tiles (see the forward)
+    std::vector<uint16_t> grows(n.Tp * n.D, 0), ds(n.Tp * n.Sp, 0), pd(n.Tp * n.Sp, 0);
+    std::vector<uint32_t> vt(n.P * n.Sp), kp(n.Sp / 2 * n.Dp, 0), qp(n.Tp / 2 * n.Dp, 0), gp(n.Tp / 2 * n.Dp, 0);
+    std::vector<uint32_t> ds_pairs(n.Tp / 2 * n.Sp, 0), pd_pairs(n.Tp / 2 * n.Sp, 0), scratch(n.Sp * n.Tp / 2);
+    std::vector<float> dp(n.Tp * n.Sp), out(std::max(n.Tp, n.Sp) * n.Dp);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / n.H, h = item % n.H;
       if (item + 1 < end)
         for (const Heads* x : {&hg, &hq, &hk, &hv})
           x->prefetch((item + 1) / n.H, (item + 1) % n.H, x == &hq || x == &hg ? n.T : n.S, n.D);
       transpose_pairs(hv.row(b, h, 0), n.S, hv.st, n.P, vt.data(), n.Sp);
-      pair_gemm(n.T, n.S, n.P, reinterpret_cast<const uint32_t*>(hg.row(b, h, 0)), hg.st / 2, 1, vt.data(), n.Sp,
-                dp.data(), n.Sp);
-      uint16_t* ds16 = reinterpret_cast<uint16_t*>(ds.data());
-      uint16_t* pd16 = reinterpret_cast<uint16_t*>(pd.data());
+      const uint16_t* g_rows = hg.row(b, h, 0);
+      int64_t g_stride = hg.st;
+      if (products.amx) {  // whole tiles read past the last query: a padded copy
+        for (int64_t t = 0; t < n.T; ++t) std::memcpy(grows.data() + t * n.D, hg.row(b, h, t), n.D * sizeof(uint16_t));
+        g_rows = grows.data(), g_stride = n.D;
+      }
+      products.gemm(n.T, n.S, n.D, g_rows, g_stride, vt.data(), n.Sp, dp.data(), n.Sp);
+      uint16_t *ds16 = ds.data(), *pd16 = pd.data();  // rows of Sp values, those past S staying 0
       for (int64_t t = 0; t < n.T; ++t) {
         const uint16_t* p_row = pp + (item * n.T + t) * n.S;
         float* d_row = dp.data() + t * n.Sp;
@@ -313,30 +401,31 @@ void attention_backward(const at::Tensor& grad, const at::Tensor& q, const at::T
           _mm512_storeu_ps(d_row + j + 16, hi);
           dot = _mm512_fmadd_ps(plo, lo, _mm512_fmadd_ps(phi, hi, dot));
           scale_where(plo, phi, keep, drop.scale);  // dropout(P), for dV
-          store32(pd16 + t * 2 * n.S2 + j, n.S - j, plo, phi);
+          store32(pd16 + t * n.Sp + j, n.S - j, plo, phi);
         }
         const __m512 r = _mm512_set1_ps(_mm512_reduce_add_ps(dot)), s = _mm512_set1_ps(sc);
         for (int64_t j = 0; j < n.S; j += 32) {
           __m512 plo, phi;
           load32(p_row + j, n.S - j, plo, phi);
-          store32(ds16 + t * 2 * n.S2 + j, n.S - j,
+          store32(ds16 + t * n.Sp + j, n.S - j,
                   _mm512_mul_ps(_mm512_mul_ps(plo, s), _mm512_sub_ps(_mm512_loadu_ps(d_row + j), r)),
                   _mm512_mul_ps(_mm512_mul_ps(phi, s), _mm512_sub_ps(_mm512_loadu_ps(d_row + j + 16), r)));
         }
-        if (n.S % 2) ds16[t * 2 * n.S2 + n.S] = pd16[t * 2 * n.S2 + n.S] = 0;  // the pad of an odd S
       }
       // dQ = dS K
       interleave_rows(hk.row(b, h, 0), n.S, hk.st, n.D, kp.data(), n.Dp);
-      pair_gemm(n.T, n.D, n.S2, ds.data(), n.S2, 1, kp.data(), n.Dp, out.data(), n.Dp);
+      products.gemm(n.T, n.D, n.S, ds16, n.Sp, kp.data(), n.Dp, out.data(), n.Dp);
       for (int64_t t = 0; t < n.T; ++t) store_row(gq.row(b, h, t), out.data() + t * n.Dp, n.D);
       // dK = dS^T Q, dV = dropout(P)^T dO: products reducing over the queries
-      interleave_rows(ds16, n.T, 2 * n.S2, n.S, ds_pairs.data(), n.Sp);
-      interleave_rows(pd16, n.T, 2 * n.S2, n.S, pd_pairs.data(), n.Sp);
+      interleave_rows(ds16, n.T, n.Sp, n.S, ds_pairs.data(), n.Sp);
+      interleave_rows(pd16, n.T, n.Sp, n.S, pd_pairs.data(), n.Sp);
       interleave_rows(hq.row(b, h, 0), n.T, hq.st, n.D, qp.data(), n.Dp);
       interleave_rows(hg.row(b, h, 0), n.T, hg.st, n.D, gp.data(), n.Dp);
-      pair_gemm(n.S, n.D, n.T2, ds_pairs.data(), 1, n.Sp, qp.data(), n.Dp, out.data(), n.Dp);
+      products.gemm_over_pairs(n.S, n.D, n.T, ds_pairs.data(), n.Sp, qp.data(), n.Dp, out.data(), n.Dp,
+                               scratch.data());
       for (int64_t j = 0; j < n.S; ++j) store_row(gk.row(b, h, j), out.data() + j * n.Dp, n.D);
-      pair_gemm(n.S, n.D, n.T2, pd_pairs.data(), 1, n.Sp, gp.data(), n.Dp, out.data(), n.Dp);
+      products.gemm_over_pairs(n.S, n.D, n.T, pd_pairs.data(), n.Sp, gp.data(), n.Dp, out.data(), n.Dp,
+                               scratch.data());
       for (int64_t j = 0; j < n.S; ++j) store_row(gv.row(b, h, j), out.data() + j * n.Dp, n.D);
     }
   });
