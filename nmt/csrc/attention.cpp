@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "bf16_vec.h"
@@ -51,6 +52,14 @@ struct Heads {
       for (int64_t offset = 0; offset < 2 * D; offset += 64) _mm_prefetch(p + offset, _MM_HINT_T0);
       _mm_prefetch(p + 2 * D - 1, _MM_HINT_T0);
     }
+  }
+  // rows [0, len) of (b, h) as (first row, row stride): in place, or with `padded` (AMX reads whole tiles,
+  // past the last row) copied into `buffer`, whose rows past len stay zero
+  std::pair<const uint16_t*, int64_t> rows(int64_t b, int64_t h, int64_t len, int64_t D, bool padded,
+                                           std::vector<uint16_t>& buffer) const {
+    if (!padded) return {row(b, h, 0), st};
+    for (int64_t t = 0; t < len; ++t) std::memcpy(buffer.data() + t * D, row(b, h, t), D * sizeof(uint16_t));
+    return {buffer.data(), D};
   }
 };
 
@@ -307,12 +316,7 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
           x->prefetch((item + 1) / n.H, (item + 1) % n.H, x == &hq ? n.T : n.S, n.D);
       transpose_pairs(hk.row(b, h, 0), n.S, hk.st, n.P, kt.data(), n.Sp);
       interleave_rows(hv.row(b, h, 0), n.S, hv.st, n.D, vp.data(), n.Dp);
-      const uint16_t* q_rows = hq.row(b, h, 0);
-      int64_t q_stride = hq.st;
-      if (products.amx) {  // whole tiles read past the last query: a padded copy
-        for (int64_t t = 0; t < n.T; ++t) std::memcpy(qrows.data() + t * n.D, hq.row(b, h, t), n.D * sizeof(uint16_t));
-        q_rows = qrows.data(), q_stride = n.D;
-      }
+      const auto [q_rows, q_stride] = hq.rows(b, h, n.T, n.D, products.amx, qrows);
       products.gemm(n.T, n.S, n.D, q_rows, q_stride, kt.data(), n.Sp, scores.data(), n.Sp);
       uint16_t* pd16 = pd.data();
       for (int64_t t = 0; t < n.T; ++t) {
@@ -386,12 +390,7 @@ void attention_backward(const at::Tensor& grad, const at::Tensor& q, const at::T
         for (const Heads* x : {&hg, &hq, &hk, &hv})
           x->prefetch((item + 1) / n.H, (item + 1) % n.H, x == &hq || x == &hg ? n.T : n.S, n.D);
       transpose_pairs(hv.row(b, h, 0), n.S, hv.st, n.P, vt.data(), n.Sp);
-      const uint16_t* g_rows = hg.row(b, h, 0);
-      int64_t g_stride = hg.st;
-      if (products.amx) {  // whole tiles read past the last query: a padded copy
-        for (int64_t t = 0; t < n.T; ++t) std::memcpy(grows.data() + t * n.D, hg.row(b, h, t), n.D * sizeof(uint16_t));
-        g_rows = grows.data(), g_stride = n.D;
-      }
+      const auto [g_rows, g_stride] = hg.rows(b, h, n.T, n.D, products.amx, grows);
       products.gemm(n.T, n.S, n.D, g_rows, g_stride, vt.data(), n.Sp, dp.data(), n.Sp);
       uint16_t *ds16 = ds.data(), *pd16 = pd.data();  // rows of Sp values, those past S staying 0
       for (int64_t t = 0; t < n.T; ++t) {
