@@ -97,11 +97,11 @@ std::vector<at::Tensor> weight_and_bias_grad(const at::Tensor& grad, const at::T
                     out->dim() == 2 && out->size(0) == N && out->size(1) == K,
                 "out must be a contiguous fp32 CPU tensor [N, K]");
   auto options = x.options().dtype(at::kFloat);
-  // The threads split the columns of dY (each packs all of X; no sums to add), or, where X is the wider
-  // operand (so packing all of it in every thread costs more than adding the sums) or dY too narrow to
-  // share, the rows (each sums all of [N, K]; the sums are added at the end).
+  // The threads split the columns of dY (each packs all of X; no sums to add), or, where X is at least as
+  // wide (so packing all of it in every thread costs more than adding the sums: [256, 256] 1.11x faster by
+  // rows) or dY too narrow to share, the rows (each sums all of [N, K]; the sums are added at the end).
   const int64_t threads = at::get_num_threads();
-  const bool split_rows = K > N || N < 64 * threads;
+  const bool split_rows = K >= N || N < 64 * threads;
   const int64_t units = split_rows ? (M + kChunk - 1) / kChunk : N / 32;  // row chunks or 32-column blocks
   const int64_t tasks = std::max<int64_t>(1, std::min(threads, units));
   const int64_t per_task = (units + tasks - 1) / tasks;
