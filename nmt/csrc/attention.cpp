@@ -157,8 +157,8 @@ struct Shape {
 };
 
 // Queries and keys from which the products run on AMX: with fewer, the padding to whole 32-row tiles
-// costs more than AMX saves (forward + backward at [315 sentences, 4 heads, 13 tokens, 64]: 0.86x the dot
-// products' speed; at 20 tokens 1.07x, at 25 1.28x, at 32 1.42x).
+// costs more than AMX saves (forward + backward of ~4,000-token batches, 4 heads, size 64, against the dot
+// products: 0.85x at 13 tokens, 1.16x at 17, 1.07-1.18x at 20, 1.28x at 25, 1.42x at 32).
 constexpr int64_t kAmxMinLength = 17;
 
 // The products of one call: AMX where this process may use it, the head size is a multiple of 32 (whole
@@ -270,7 +270,6 @@ struct Dropout {
   }
 };
 
-
 Dropout make_dropout(int64_t threshold, double scale, int64_t seed, int64_t S) {
   TORCH_CHECK(threshold >= 0 && threshold < 256, "threshold must be in [0, 256)");
   return {seed, _mm512_set1_epi8(static_cast<char>(threshold)), _mm512_set1_ps(static_cast<float>(scale)),
@@ -304,8 +303,9 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, n.B * n.H, 4, [&](int64_t begin, int64_t end) {
     const Products products(n);
-    // zero-padded to whole 32-row / 32-column tiles: Q's rows, V's row pairs, dropout(P)'s rows and columns
-    std::vector<uint16_t> qrows(n.Tp * n.D, 0), pd(n.Tp * n.Sp, 0);
+    // zero-padded to whole 32-row / 32-column tiles: Q's rows (AMX's copy), V's row pairs, dropout(P)'s rows
+    // and columns
+    std::vector<uint16_t> qrows(products.amx ? n.Tp * n.D : 0, 0), pd(n.Tp * n.Sp, 0);
     std::vector<uint32_t> kt(n.P * n.Sp), vp(n.Sp / 2 * n.Dp, 0);
     std::vector<float> scores(n.Tp * n.Sp), out(n.Tp * n.Dp);
     std::vector<__mmask32> allowed((n.S + 31) / 32);
@@ -380,7 +380,7 @@ void attention_backward(const at::Tensor& grad, const at::Tensor& q, const at::T
   at::parallel_for(0, n.B * n.H, 4, [&](int64_t begin, int64_t end) {
     const Products products(n);
     // zero-padded to whole 32-row / 32-column tiles (see the forward)
-    std::vector<uint16_t> grows(n.Tp * n.D, 0), ds(n.Tp * n.Sp, 0), pd(n.Tp * n.Sp, 0);
+    std::vector<uint16_t> grows(products.amx ? n.Tp * n.D : 0, 0), ds(n.Tp * n.Sp, 0), pd(n.Tp * n.Sp, 0);
     std::vector<uint32_t> vt(n.P * n.Sp), kp(n.Sp / 2 * n.Dp, 0), qp(n.Tp / 2 * n.Dp, 0), gp(n.Tp / 2 * n.Dp, 0);
     std::vector<uint32_t> ds_pairs(n.Tp / 2 * n.Sp, 0), pd_pairs(n.Tp / 2 * n.Sp, 0), scratch(n.Sp * n.Tp / 2);
     std::vector<float> dp(n.Tp * n.Sp), out(std::max(n.Tp, n.Sp) * n.Dp);
