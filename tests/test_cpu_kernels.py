@@ -71,6 +71,26 @@ def test_softmax_minus_target_matches_the_tensor_ops(vocab, scale, k):
 
 
 @needs_kernels
+@pytest.mark.parametrize("vocab", [31, 300, 8000])
+@pytest.mark.parametrize("k", [0.9, 0.0])
+def test_row_stats_with_out_write_the_softmax_gradient_up_to_a_factor_per_row(vocab, k):
+    """factor * out = softmax(z) - k * onehot(target) on kept rows, 0 on the others; the statistics as without out."""
+    z, target = logits_batch(23, vocab, 3.0, seed=3)
+    keep = torch.rand(23, generator=torch.Generator().manual_seed(4)) > 0.3
+    kernels = cpu_kernels.extension()
+    out = torch.full_like(z, 7.0)
+    *stats, factor = kernels.logit_row_stats(z, target.reshape(-1), out, keep, k)
+    for ours, reference in zip(stats, kernels.logit_row_stats(z, target.reshape(-1)), strict=True):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    assert torch.all(out[~keep] == 0) and torch.all(factor[~keep] == 0)
+    expected = torch.softmax(z.double(), dim=-1)
+    expected[torch.arange(23), target[:, 0]] -= k
+    expected[~keep] = 0
+    # e^(z - max) rounded to bf16 once, then scaled in fp32
+    torch.testing.assert_close(out.double() * factor.double()[:, None], expected, rtol=8e-3, atol=1e-7)
+
+
+@needs_kernels
 def test_target_ids_outside_the_vocabulary_are_refused():
     z, target = logits_batch(4, 10, 1.0)
     target[2] = 10

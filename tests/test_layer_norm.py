@@ -43,6 +43,42 @@ def test_bf16_values_and_gradients_match_fp32_arithmetic(size):
 
 
 @needs_kernels
+@pytest.mark.parametrize("size", [256, 37])
+@pytest.mark.parametrize("uses", ["both", "norm only", "residual only"])
+def test_fork_adds_the_residual_gradient_inside_the_norms_backward(size, uses):
+    """fork(x) = (norm(x), x); x's gradient is the sum of both paths' (each alone when the other is unused),
+    as autograd sums them for norm(x) and x used separately, up to one bf16 rounding (ours rounds once)."""
+    ours, _, x = norms(size)
+    gen = torch.Generator().manual_seed(5)
+    g_norm, g_residual = (torch.randn(7, 5, size, generator=gen).bfloat16() for _ in range(2))
+
+    def gradients(fork: bool) -> list[torch.Tensor]:
+        ours.zero_grad()
+        x_in = x.clone().requires_grad_()
+        y, residual = ours.fork(x_in) if fork else (ours(x_in), x_in)
+        outputs = {"both": [(y, g_norm), (residual, g_residual)], "norm only": [(y, g_norm)],
+                   "residual only": [(residual, g_residual)]}[uses]
+        torch.autograd.backward([o for o, _ in outputs], [g for _, g in outputs])
+        return [x_in.grad, *(p.grad if p.grad is not None else torch.zeros_like(p) for p in ours.parameters())]
+
+    fused, separate = gradients(True), gradients(False)
+    assert fused[0].dtype == torch.bfloat16
+    scale = separate[0].abs().max().item()
+    torch.testing.assert_close(fused[0].float(), separate[0].float(), rtol=8e-3, atol=8e-3 * scale)
+    for a, b in zip(fused[1:], separate[1:], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_fork_without_the_kernels_or_grad_is_the_norm_and_x(monkeypatch):
+    ours, reference, x = norms(16)
+    y, residual = ours.fork(x.float())
+    assert residual is not None and torch.equal(residual, x.float()) and torch.equal(y, reference(x.float()))
+    with torch.no_grad():
+        y, residual = ours.fork(x)
+    assert residual is x
+
+
+@needs_kernels
 def test_used_for_bf16_under_autocast_like_torchs_layer_norm(monkeypatch):
     ours, reference, x = norms(256)
     calls = []

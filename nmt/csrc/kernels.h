@@ -14,17 +14,21 @@ at::Tensor dropout_backward(const at::Tensor& grad, const at::Tensor& bits, doub
 at::Tensor relu_dropout_forward(const at::Tensor& x, int64_t threshold, double scale, int64_t seed);
 at::Tensor relu_dropout_backward(const at::Tensor& grad, const at::Tensor& out, double scale);
 
-// loss.cpp: per-row statistics of bf16 logits for the cross-entropy, and its softmax gradient
-std::vector<at::Tensor> logit_row_stats(const at::Tensor& logits, const at::Tensor& target);
+// loss.cpp: per-row statistics of bf16 logits for the cross-entropy (+ its gradient up to a factor per
+// row), and its softmax gradient
+std::vector<at::Tensor> logit_row_stats(const at::Tensor& logits, const at::Tensor& target,
+                                        const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& keep,
+                                        double k);
 void softmax_minus_target(const at::Tensor& logits, const at::Tensor& lse, const at::Tensor& target,
                           const at::Tensor& keep, double scale, double k, at::Tensor& out);
 
 // layer_norm.cpp: LayerNorm of bf16 rows with fp32 weight and bias -> (y, mean, rstd); its gradients
-// (grad_x, grad_weight, grad_bias)
+// (grad_x (+ residual when given), grad_weight, grad_bias)
 std::vector<at::Tensor> layer_norm_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                            double eps);
 std::vector<at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
-                                            const at::Tensor& rstd, const at::Tensor& weight);
+                                            const at::Tensor& rstd, const at::Tensor& weight,
+                                            const std::optional<at::Tensor>& residual);
 
 // column_sums.cpp: fp32 sums over the rows of a bf16 [rows, N] matrix (a Linear layer's bias gradient)
 at::Tensor column_sums(const at::Tensor& x);

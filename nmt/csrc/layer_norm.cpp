@@ -5,6 +5,8 @@
 // backward: with xhat = (x - mean) * rstd and g = grad * weight,
 //           grad_x = rstd * (g - mean(g) - xhat * mean(g * xhat)),
 //           grad_weight = sum over rows of grad * xhat, grad_bias = sum over rows of grad
+//           (plus `residual`, the gradient x receives past the norm in a pre-norm residual block, when given:
+//           added in fp32 before the one rounding, instead of by a separate pass)
 // The weight and bias gradients are summed per task (one task per thread, fixed row ranges) and then over
 // the tasks in order: the same thread count gives the same bits.
 #include <ATen/Parallel.h>
@@ -92,10 +94,16 @@ std::vector<at::Tensor> layer_norm_forward(const at::Tensor& x, const at::Tensor
 }
 
 std::vector<at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
-                                            const at::Tensor& rstd, const at::Tensor& weight) {
+                                            const at::Tensor& rstd, const at::Tensor& weight,
+                                            const std::optional<at::Tensor>& residual) {
   check_bf16(grad, "grad");
   check_bf16(x, "x");
   TORCH_CHECK(grad.sizes() == x.sizes(), "grad and x must have the same shape");
+  if (residual) {
+    check_bf16(*residual, "residual");
+    TORCH_CHECK(residual->sizes() == x.sizes(), "residual and x must have the same shape");
+  }
+  const uint16_t* rp = residual ? bf16_data(*residual) : nullptr;
   const int64_t size = x.size(-1), rows = x.numel() / size;
   check_params(weight, size, "weight");
   check_params(mean, rows, "mean");
@@ -145,7 +153,9 @@ std::vector<at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Te
           const __m512 h_lo = _mm512_mul_ps(_mm512_sub_ps(x_lo, m), is), h_hi = _mm512_mul_ps(_mm512_sub_ps(x_hi, m), is);
           const __m512 d_lo = _mm512_fnmadd_ps(h_lo, mean_gh, _mm512_sub_ps(_mm512_mul_ps(g_lo, w_lo), mean_g));
           const __m512 d_hi = _mm512_fnmadd_ps(h_hi, mean_gh, _mm512_sub_ps(_mm512_mul_ps(g_hi, w_hi), mean_g));
-          store32(out + r * size + j, size - j, _mm512_mul_ps(d_lo, is), _mm512_mul_ps(d_hi, is));
+          __m512 r_lo = _mm512_setzero_ps(), r_hi = r_lo;
+          if (rp) load32(rp + r * size + j, size - j, r_lo, r_hi);
+          store32(out + r * size + j, size - j, _mm512_fmadd_ps(d_lo, is, r_lo), _mm512_fmadd_ps(d_hi, is, r_hi));
         }
       }
     }

@@ -114,7 +114,8 @@ class InputLayer(nn.Module):
 
 
 class Residual(nn.Module):
-    """The norm + residual wiring of one sublayer: `before` gives the sublayer input, `after` the output.
+    """The norm + residual wiring of one sublayer: `before` gives the sublayer input (and the residual stream
+    to continue with: pre-norm blocks take x's two gradients in one pass, `LayerNorm.fork`), `after` the output.
 
     The residual stream keeps its dtype (the autocast dtype under autocast, see the module docstring); a
     sublayer output of another dtype is converted to it before the fused dropout + addition
@@ -127,8 +128,9 @@ class Residual(nn.Module):
         self.dropout = Dropout(dropout)
         self.pre_norm = pre_norm
 
-    def before(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x) if self.pre_norm else x
+    def before(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the sublayer's input, the residual stream to hand to `after`)."""
+        return self.norm.fork(x) if self.pre_norm else (x, x)
 
     def after(self, x: torch.Tensor, sublayer_out: torch.Tensor) -> torch.Tensor:
         y = dropout_add(x, sublayer_out, self.dropout.p, self.training)
@@ -183,10 +185,11 @@ class EncoderLayer(nn.Module):
         self.ff_residual = Residual(options.d_model, options.dropout, pre)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.attn_residual.before(x)
+        h, x = self.attn_residual.before(x)
         k, v = self.self_attn.project_memory(h)
         x = self.attn_residual.after(x, self.self_attn(h, k, v, key_mask=mask)[0])
-        return self.ff_residual.after(x, self.ff(self.ff_residual.before(x)))
+        h, x = self.ff_residual.before(x)
+        return self.ff_residual.after(x, self.ff(h))
 
 
 @register_encoder("transformer", TransformerEncoderOptions)
@@ -230,16 +233,17 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, KeysValues, torch.Tensor | None]:
         """x [B, T, d] (the T newest positions), cache = self-attention K/V of earlier positions ->
         (output, cache extended by T positions, cross-attention weights [B, heads, T, S] or None)."""
-        h = self.self_residual.before(x)
+        h, x = self.self_residual.before(x)
         k_new, v_new = self.self_attn.project_memory(h)
         k_cache, v_cache = cache
         if k_cache.size(2):
             k_new, v_new = torch.cat([k_cache, k_new], dim=2), torch.cat([v_cache, v_new], dim=2)
         x = self.self_residual.after(x, self.self_attn(h, k_new, v_new, causal=True)[0])
-        h = self.cross_residual.before(x)
+        h, x = self.cross_residual.before(x)
         context, weights = self.cross_attn(h, *memory_kv, key_mask=memory_mask, need_weights=need_weights)
         x = self.cross_residual.after(x, context)
-        x = self.ff_residual.after(x, self.ff(self.ff_residual.before(x)))
+        h, x = self.ff_residual.before(x)
+        x = self.ff_residual.after(x, self.ff(h))
         return x, (k_new, v_new), weights
 
 

@@ -189,11 +189,16 @@ def _row_terms(z: torch.Tensor, target: torch.Tensor,
     """(lse, sum_v -log p(v), -log p(target)) of each row of the logits z [rows, V] (target [rows, 1]), in
     fp32; one pass of `nmt/csrc/loss.cpp` over bf16 z where `kernels` is given."""
     if kernels is not None:
-        lse, total, at_target = kernels.logit_row_stats(z, target.reshape(-1))
-        return lse, z.size(1) * lse - total, lse - at_target
+        return _loss_terms(*kernels.logit_row_stats(z, target.reshape(-1)), z.size(1))
     log_p = torch.log_softmax(z, dim=-1, dtype=torch.float32)  # one kernel, reads z in its dtype
     lse = z[:, 0].float() - log_p[:, 0]
     return lse, log_p.sum(dim=-1).neg_(), log_p.gather(1, target).squeeze(1).neg_()
+
+
+def _loss_terms(lse: torch.Tensor, total: torch.Tensor, at_target: torch.Tensor,
+                vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_row_terms`' result from the kernel's per-row (lse, sum of the logits, target logit)."""
+    return lse, vocab * lse - total, lse - at_target
 
 
 def _softmax_minus_target(z: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, keep: torch.Tensor,
@@ -231,7 +236,10 @@ class _GradientSums:
     (0 on padding rows), written block by block of rows and multiplied out: P w -> [rows, H],
     P^T h -> [V, H] (fp32), sum_rows P -> [V] (fp32), for whichever of hidden, weight, bias needs one.
     The products take WEIGHT_GRAD_BLOCKS blocks at once on the CPU (their rows staged together): fewer
-    fp32 accumulations of [V, H], longer matmul reductions, and w packed by oneDNN once per group."""
+    fp32 accumulations of [V, H], longer matmul reductions, and w packed by oneDNN once per group.
+    A block may also be staged as P up to a factor per row (`add_scaled`, from the forward's statistics
+    kernel); then `hidden` holds the rows of P w divided by their factors (`row_factor` says by what),
+    and P^T h and the bias sums take the factors into account."""
 
     def __init__(self, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, needs: tuple[bool, ...],
                  blocks: list[slice]):
@@ -242,20 +250,37 @@ class _GradientSums:
         self.need_weight = needs[1]
         self.weight: torch.Tensor | None = None  # fp32, from the first complete group on
         self.bias = torch.zeros(vocab, dtype=torch.float32, device=w.device) if needs[2] and b is not None else None
+        self.row_factor: torch.Tensor | None = None  # [rows] fp32, once a block is staged with factors
         self.group = WEIGHT_GRAD_BLOCKS if h.device.type == "cpu" else 1
         self.staged: torch.Tensor | None = torch.empty(
             min(rows, self.group * (blocks[0].stop - blocks[0].start)), vocab, dtype=h.dtype, device=h.device)
         self.group_start = 0
 
+    def block(self, rows: slice, size: int) -> torch.Tensor:
+        """Where the block of `rows` (`size` of them) is staged."""
+        offset = rows.start - self.group_start
+        return self.staged[offset: offset + size]
+
     def add(self, i: int, rows: slice, z: torch.Tensor, lse: torch.Tensor, safe_target: torch.Tensor,
             keep: torch.Tensor, scale: float, k: float) -> None:
-        """Block i (`rows`, logits z): write its P (see `_softmax_minus_target`) and multiply it out. The
-        staged rows are released after the last block."""
-        offset = rows.start - self.group_start
-        p = self.staged[offset: offset + z.size(0)]
+        """Block i (`rows`, logits z): write its P (see `_softmax_minus_target`) and multiply it out."""
+        p = self.block(rows, z.size(0))
         _softmax_minus_target(z, lse[rows], safe_target[rows], keep[rows], scale, k, p, self.kernels)
+        self._staged(i, rows, p)
+
+    def add_scaled(self, i: int, rows: slice, factor: torch.Tensor) -> None:
+        """Block i (`rows`), staged by the caller in `block(rows, ...)` as P / factor per row: multiply it out."""
+        if self.row_factor is None:
+            self.row_factor = torch.ones(self.h.size(0), dtype=torch.float32, device=self.h.device)
+        self.row_factor[rows] = factor
+        self._staged(i, rows, self.block(rows, factor.size(0)))
+
+    def _staged(self, i: int, rows: slice, p: torch.Tensor) -> None:
+        """After block i is staged as p: its bias sums, and the products once its group is complete. The
+        staged rows are released after the last block."""
+        factor = None if self.row_factor is None else self.row_factor[rows.start: rows.start + p.size(0)]
         if self.bias is not None:
-            self.bias += p.sum(0, dtype=torch.float32)
+            self.bias += p.sum(0, dtype=torch.float32) if factor is None else torch.mv(p.t().float(), factor)
         last = i == len(self.blocks) - 1
         if last or (i + 1) % self.group == 0:  # the staged group is complete
             end = min(rows.stop, self.h.size(0))
@@ -263,7 +288,10 @@ class _GradientSums:
             if self.hidden is not None:
                 torch.mm(staged, self.w, out=self.hidden[self.group_start:end])
             if self.need_weight:
-                self.weight = weight_gradient(staged, self.h[self.group_start:end], self.weight)
+                h = self.h[self.group_start:end]
+                if self.row_factor is not None:  # P^T h = (P / factor)^T (factor * h)
+                    h = (h.float() * self.row_factor[self.group_start:end, None]).to(h.dtype)
+                self.weight = weight_gradient(staged, h, self.weight)
             self.group_start = end
         if last:
             self.staged = None
@@ -299,6 +327,13 @@ class _OutputLayerCrossEntropy(torch.autograd.Function):
         wt = _logits_operand(w)
         for i, block in enumerate(blocks):
             z = _block_logits(h[block], wt, b)
+            if sums is not None and kernels is not None:  # P up to a factor per row, in the statistics' pass
+                out = sums.block(block, z.size(0))
+                *stats, factor = kernels.logit_row_stats(z, safe_target[block].reshape(-1), out, keep[block],
+                                                         1.0 - smoothing)
+                lse[block], uniform_row[block], nll_row[block] = _loss_terms(*stats, vocab)
+                sums.add_scaled(i, block, factor)
+                continue
             lse[block], uniform_row[block], nll_row[block] = _row_terms(z, safe_target[block], kernels)
             if sums is not None:
                 sums.add(i, block, z, lse, safe_target, keep, 1.0, 1.0 - smoothing)
@@ -332,7 +367,8 @@ class _OutputLayerCrossEntropy(torch.autograd.Function):
         grad_h, grad_w, grad_b = sums.hidden, sums.weight, sums.bias
         real = keep.to(torch.float32).unsqueeze(1)
         if grad_h is not None:
-            grad_h = (grad_h.float().mul_(m) - c * _column_sums(w)).mul_(real).to(hidden_type)
+            row_scale = m if sums.row_factor is None else sums.row_factor.unsqueeze(1) * m
+            grad_h = (grad_h.float().mul_(row_scale) - c * _column_sums(w)).mul_(real).to(hidden_type)
         if grad_w is not None:
             grad_w = grad_w.mul_(m).sub_(c * (_column_sums(h) - _column_sums(h[~keep]))).to(weight_type)
         if grad_b is not None:
