@@ -47,7 +47,7 @@ def _fused_linear() -> dict[str, Callable[[], None]]:
     from nmt.models import linear
 
     on = linear._applies
-    return {"off": lambda: setattr(linear, "_applies", lambda layer, x: False),
+    return {"off": lambda: setattr(linear, "_applies", lambda weight, x: False),
             "on": lambda: setattr(linear, "_applies", on)}
 
 
@@ -67,7 +67,25 @@ def _amx_weight_grad() -> dict[str, Callable[[], None]]:
             "amx": lambda: setattr(linear, "_amx_applies", applies)}
 
 
-SWITCHES = {"fused-linear": _fused_linear, "column-sums": _column_sums, "amx-weight-grad": _amx_weight_grad}
+def _norm_fork() -> dict[str, Callable[[], None]]:
+    from nmt.models.layer_norm import LayerNorm
+
+    fork = LayerNorm.fork
+    return {"separate-add": lambda: setattr(LayerNorm, "fork", lambda self, x: (self(x), x)),
+            "norm-fork": lambda: setattr(LayerNorm, "fork", fork)}
+
+
+def _joint_qkv() -> dict[str, Callable[[], None]]:
+    from nmt.models.multihead import MultiHeadAttention
+
+    joint = MultiHeadAttention.project_self
+    return {"q-and-kv": lambda: setattr(MultiHeadAttention, "project_self",
+                                        lambda self, x: (self.project_query(x), *self.project_memory(x))),
+            "joint-qkv": lambda: setattr(MultiHeadAttention, "project_self", joint)}
+
+
+SWITCHES = {"fused-linear": _fused_linear, "column-sums": _column_sums, "amx-weight-grad": _amx_weight_grad,
+            "norm-fork": _norm_fork, "joint-qkv": _joint_qkv}
 
 
 def attr_variants(spec: str) -> dict[str, Callable[[], None]]:

@@ -7,6 +7,7 @@ import torch
 
 from nmt import cpu_kernels
 from nmt.models import fused_attention
+from nmt.models import heads as heads_module
 from nmt.models.multihead import MultiHeadAttention, attend
 
 needs_kernels = pytest.mark.skipif(cpu_kernels.extension() is None,
@@ -130,3 +131,54 @@ def test_only_bf16_cpu_training_uses_the_kernel(monkeypatch):
     attend(*leaves(q, k, v), key_mask, True, dropout=0.01, use_sdpa=False)  # p needs more than 8-bit lanes
     odd = heads(2, 2, 4, 4, 7)
     attend(*leaves(*odd[:3]), odd[3], True, use_sdpa=False)  # an odd head size
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "tensor-ops"])
+def test_self_attention_from_the_joint_projection_equals_the_two_projections(kernel, monkeypatch):
+    """project_self in training: one Q|K|V product; values and gradients as from project_query + project_memory
+    (with the kernel, its Q|K|V gradient buffer passes split_heads unchanged)."""
+    if kernel and cpu_kernels.extension() is None:
+        pytest.skip(f"CPU kernels unavailable: {cpu_kernels.unavailable_reason}")
+    if not kernel:
+        monkeypatch.setattr(fused_attention, "applies", lambda *_: False)
+    torch.manual_seed(0)
+    attention = MultiHeadAttention(16, 16, 16, 2)
+    x = torch.randn(3, 5, 16)
+    key_mask = torch.ones(3, 5, dtype=torch.bool)
+    key_mask[2, 3:] = False
+    results = []
+    for joint in (True, False):
+        attention.zero_grad()
+        x_in = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            q, k, v = attention.project_self(x_in) if joint else (attention.project_query(x_in),
+                                                                  *attention.project_memory(x_in))
+            assert heads_module.in_joint_layout((q, k, v)) == joint
+            out, _ = attention.attend_projected(q, k, v, key_mask=key_mask, causal=True)
+        out.float().square().sum().backward()
+        results.append([out.float(), x_in.grad, *(p.grad.clone() for p in attention.parameters())])
+    for ours, expected in zip(*results, strict=True):
+        torch.testing.assert_close(ours, expected, rtol=3e-2, atol=3e-2 * expected.abs().max().item())
+    with torch.no_grad():  # decoding: the two projections as they are
+        assert not heads_module.in_joint_layout(attention.project_self(x))
+
+
+def test_joint_layout_of_heads_and_their_gradient_buffers():
+    rows = torch.randn(2, 5, 3 * 16, requires_grad=True)
+    q, k, v = heads_module.heads_of(rows.detach(), 3, 4)
+    assert q.shape == (2, 4, 5, 4) and heads_module.in_joint_layout((q, k, v))
+    assert not heads_module.in_joint_layout((k, q, v)) and not heads_module.in_joint_layout((q, k))
+    assert heads_module.parts_of_one_buffer((q, k, v)).data_ptr() == rows.data_ptr()
+    grads = heads_module.gradient_buffer(q, 3)
+    buffer = heads_module.parts_of_one_buffer(grads)
+    assert buffer.shape == (2, 5, 3, 4, 4) and buffer.is_contiguous()
+    assert heads_module.parts_of_one_buffer(tuple(g.clone() for g in grads)) is None
+    for g in grads:
+        g.copy_(torch.randn_like(g))
+    parts = heads_module.split_heads(rows, 3, 4)
+    torch.autograd.backward(parts, grads)
+    reference = torch.stack([g.transpose(1, 2) for g in grads], dim=2).reshape(2, 5, 48)
+    assert torch.equal(rows.grad, reference)
+    rows.grad = None
+    torch.autograd.backward(parts, [g.clone() for g in grads])  # separate tensors: assembled by copies
+    assert torch.equal(rows.grad, reference)

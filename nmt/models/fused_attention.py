@@ -7,11 +7,11 @@ head size 64) the batched matmuls run at a few percent of the machine's matmul s
 and separate passes cost as much again. `nmt/csrc/attention.cpp` does all of it per sentence and head
 with the small operands in L1: it reads Q, K, V in place from the projections' [B, len, heads, D] rows,
 writes the context straight into the layout the output projection reads, and its backward writes the
-gradients of Q, K and V into the projections' layouts (K and V into one buffer, which
-`multihead._SplitKV` hands on without a copy). Same formula and roundings as the explicit path (bf16
-operands, fp32 sums and softmax); its dropout keeps each weight with the same probability as
-`nmt.models.dropout` (8-bit lanes) from other random draws, seeded from torch's generator. A row whose
-keys are all masked gets weights 0 (NaN from `torch.softmax`); no real query has one.
+gradients of Q, K and V into the projections' layouts (K and V into one buffer, or Q, K and V for
+self-attention's joint projection, which `heads.split_heads` hands on without a copy). Same formula and
+roundings as the explicit path (bf16 operands, fp32 sums and softmax); its dropout keeps each weight with
+the same probability as `nmt.models.dropout` (8-bit lanes) from other random draws, seeded from torch's
+generator. A row whose keys are all masked gets weights 0 (NaN from `torch.softmax`); no real query has one.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 
 from nmt import cpu_kernels
 from nmt.models import dropout as dropout_rule
+from nmt.models import heads
 from nmt.models.fused_dropout import draw_seed
 
 
@@ -40,11 +41,11 @@ class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, probs = ctx.saved_tensors
-        b, h, t, d = q.shape
-        s = k.size(2)
-        grad_q = q.new_empty(b, t, h, d).transpose(1, 2)  # the layout of the query projection's rows
-        grad_kv = k.new_empty(b, s, 2, h, d)  # K and V side by side, as the joint K|V projection has them
-        grad_k, grad_v = grad_kv.permute(2, 0, 3, 1, 4)
+        if heads.in_joint_layout((q, k, v)):  # self-attention's Q|K|V rows: their gradient in one buffer
+            grad_q, grad_k, grad_v = heads.gradient_buffer(q, 3)
+        else:  # the query projection's rows, and K|V side by side as the joint K|V projection has them
+            grad_q, = heads.gradient_buffer(q, 1)
+            grad_k, grad_v = heads.gradient_buffer(k, 2)
         if not _even_rows(grad):
             grad = grad.contiguous()
         cpu_kernels.extension().attention_backward(grad, q, k, v, probs, *ctx.settings, grad_q, grad_k, grad_v)

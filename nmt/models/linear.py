@@ -42,20 +42,28 @@ def _fused_op() -> Any | None:
     return op
 
 
-def _applies(layer: nn.Module, x: torch.Tensor) -> bool:
-    return (type(layer) is nn.Linear and x.device.type == "cpu" and torch.is_grad_enabled()
+def _applies(weight: torch.Tensor, x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and torch.is_grad_enabled()
             and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-            and layer.weight.dtype == torch.float32 and torch.backends.mkldnn.enabled
+            and weight.dtype == torch.float32 and torch.backends.mkldnn.enabled
             and _fused_op() is not None)
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)`; a float `nn.Linear` in a bf16-autocast CPU step with grad goes through oneDNN's
     linear with the bias in its epilogue (see the module docstring)."""
-    if not _applies(layer, x):
+    if type(layer) is not nn.Linear:
         return layer(x)
+    return linear_with(layer.weight, layer.bias, x)
+
+
+def linear_with(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """`torch.nn.functional.linear(x, weight, bias)`, through oneDNN's linear with the bias in its epilogue
+    in a bf16-autocast CPU step with grad (see the module docstring)."""
+    if not _applies(weight, x):
+        return torch.nn.functional.linear(x, weight, bias)
     with torch.autocast("cpu", enabled=False):
-        return _FusedBiasLinear.apply(x.to(torch.bfloat16), layer.weight, layer.bias)
+        return _FusedBiasLinear.apply(x.to(torch.bfloat16), weight, bias)
 
 
 def _amx_applies(rows: torch.Tensor, x: torch.Tensor) -> bool:

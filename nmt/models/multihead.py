@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +19,9 @@ from nmt.config import Component, opt
 from nmt.errors import NmtError
 from nmt.models import fused_attention
 from nmt.models.dropout import dropout as fast_dropout
+from nmt.models.heads import split_heads
 from nmt.models.interfaces import Attention
-from nmt.models.linear import linear
+from nmt.models.linear import linear, linear_with
 from nmt.models.zoo import register_attention
 
 
@@ -98,45 +98,6 @@ def check_divisible(size: int, heads: int, key: str) -> int:
     return size // heads
 
 
-def _heads_of_kv(kv: torch.Tensor) -> torch.Tensor:
-    """[B, S, 2, heads, d_head] -> [2, B, heads, S, d_head] (a view): K and V split into heads."""
-    return kv.permute(2, 0, 3, 1, 4)
-
-
-def _halves_of_one_buffer(grad_k: torch.Tensor, grad_v: torch.Tensor, layout: tuple[int, ...]) -> bool:
-    """Whether grad_k and grad_v are the K and V halves of one contiguous `layout` [B, S, 2, heads, d_head]
-    tensor, each permuted to [B, heads, S, d_head] as `_SplitKV` splits its input."""
-    base = grad_k._base
-    if base is None or grad_v._base is not base or tuple(base.shape) != layout or not base.is_contiguous():
-        return False
-    k_half, v_half = _heads_of_kv(base)
-    return all(grad.data_ptr() == half.data_ptr() and grad.stride() == half.stride()
-               for grad, half in ((grad_k, k_half), (grad_v, v_half)))
-
-
-class _SplitKV(torch.autograd.Function):
-    """kv [B, S, 2 * hidden] -> K, V [B, heads, S, d_head] as views. The backward writes both gradients
-    into one [B, S, 2, heads, d_head] tensor, one strided copy each (`unbind`'s backward stacks them and
-    then copies the stack into that layout: two passes and a concatenation)."""
-
-    @staticmethod
-    def forward(ctx: Any, kv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        b, s, size = kv.shape
-        ctx.layout = (b, s, 2, heads, size // (2 * heads))
-        k, v = _heads_of_kv(kv.view(ctx.layout))
-        return k, v
-
-    @staticmethod
-    def backward(ctx: Any, grad_k: torch.Tensor, grad_v: torch.Tensor) -> tuple[torch.Tensor, None]:
-        # autograd materialises the gradient of an unused output as zeros: both are tensors
-        if _halves_of_one_buffer(grad_k, grad_v, ctx.layout):  # written so by fused_attention's backward
-            return grad_k._base.view(ctx.layout[0], ctx.layout[1], -1), None
-        grad = grad_k.new_empty(ctx.layout)
-        grad[:, :, 0].copy_(grad_k.transpose(1, 2))
-        grad[:, :, 1].copy_(grad_v.transpose(1, 2))
-        return grad.view(ctx.layout[0], ctx.layout[1], -1), None
-
-
 class MultiHeadAttention(nn.Module):
     """Queries of size `query_size` attend over memory of size `memory_size`.
 
@@ -159,22 +120,44 @@ class MultiHeadAttention(nn.Module):
 
     def split_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, S, 2 * hidden] (K|V) -> K, V each [B, heads, S, d_head] (views of kv)."""
-        return _SplitKV.apply(kv, self.heads)
+        return split_heads(kv, 2, self.heads)
 
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """memory [B, S, memory_size] -> K, V each [B, heads, S, d_head]."""
         return self.split_kv(linear(self.kv_proj, memory))
+
+    def project_query(self, query: torch.Tensor) -> torch.Tensor:
+        """query [B, T, query_size] -> Q [B, heads, T, d_head]."""
+        b, t, _ = query.shape
+        return linear(self.q_proj, query).view(b, t, self.heads, self.d_head).transpose(1, 2)
+
+    def project_self(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention's Q, K, V [B, heads, T, d_head] of x [B, T, size]. In training, from one product with
+        the query and key/value weights side by side (Q|K|V rows: one larger matmul each way instead of two,
+        and x's gradient from one product instead of a sum of two); else from the two projections."""
+        joint = (torch.is_grad_enabled() and type(self.q_proj) is nn.Linear and type(self.kv_proj) is nn.Linear
+                 and self.q_proj.in_features == self.kv_proj.in_features and self.q_proj.bias is not None)
+        if not joint:
+            return (self.project_query(x), *self.project_memory(x))
+        weight = torch.cat([self.q_proj.weight, self.kv_proj.weight])
+        bias = torch.cat([self.q_proj.bias, self.kv_proj.bias])
+        return split_heads(linear_with(weight, bias, x), 3, self.heads)
+
+    def attend_projected(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
+               causal: bool = False, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Projected Q [B, heads, T, d_head] over K/V [B, heads, S, d_head] -> (output [B, T, output_size],
+        weights [B, heads, T, S] or None); see the module-level `attend`."""
+        b, _, t, _ = q.shape
+        dropout = self.dropout if self.training else 0.0
+        context, weights = attend(q, k, v, key_mask, causal, dropout, need_weights)
+        return linear(self.out_proj, context.transpose(1, 2).reshape(b, t, -1)), weights
 
     def forward(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 key_mask: torch.Tensor | None = None, causal: bool = False,
                 need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """query [B, T, query_size] over K/V [B, heads, S, d_head] ->
         (output [B, T, output_size], weights [B, heads, T, S] or None); see `attend`."""
-        b, t, _ = query.shape
-        q = linear(self.q_proj, query).view(b, t, self.heads, self.d_head).transpose(1, 2)
-        dropout = self.dropout if self.training else 0.0
-        context, weights = attend(q, k, v, key_mask, causal, dropout, need_weights)
-        return linear(self.out_proj, context.transpose(1, 2).reshape(b, t, -1)), weights
+        return self.attend_projected(self.project_query(query), k, v, key_mask, causal, need_weights)
 
 
 @dataclass

@@ -186,8 +186,8 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h, x = self.attn_residual.before(x)
-        k, v = self.self_attn.project_memory(h)
-        x = self.attn_residual.after(x, self.self_attn(h, k, v, key_mask=mask)[0])
+        q, k, v = self.self_attn.project_self(h)
+        x = self.attn_residual.after(x, self.self_attn.attend_projected(q, k, v, key_mask=mask)[0])
         h, x = self.ff_residual.before(x)
         return self.ff_residual.after(x, self.ff(h))
 
@@ -234,11 +234,11 @@ class DecoderLayer(nn.Module):
         """x [B, T, d] (the T newest positions), cache = self-attention K/V of earlier positions ->
         (output, cache extended by T positions, cross-attention weights [B, heads, T, S] or None)."""
         h, x = self.self_residual.before(x)
-        k_new, v_new = self.self_attn.project_memory(h)
+        q, k_new, v_new = self.self_attn.project_self(h)
         k_cache, v_cache = cache
         if k_cache.size(2):
             k_new, v_new = torch.cat([k_cache, k_new], dim=2), torch.cat([v_cache, v_new], dim=2)
-        x = self.self_residual.after(x, self.self_attn(h, k_new, v_new, causal=True)[0])
+        x = self.self_residual.after(x, self.self_attn.attend_projected(q, k_new, v_new, causal=True)[0])
         h, x = self.cross_residual.before(x)
         context, weights = self.cross_attn(h, *memory_kv, key_mask=memory_mask, need_weights=need_weights)
         x = self.cross_residual.after(x, context)
