@@ -1,8 +1,8 @@
 """nmt's compiled CPU kernels, built at first use.
 
 bf16 dropout (+ residual), LayerNorm, multi-head attention, the cross-entropy's passes over the logits, the
-bias gradients' column sums, a bf16 transpose (the output layer's logits operand), and (with AMX) the
-weight gradients of Linear layers.
+bias gradients' column sums, a bf16 transpose (the output layer's logits operand), the gradients' squared
+norm for clipping (fp32), and (with AMX) the weight gradients of Linear layers.
 
 The sources are in `nmt/csrc/`: AVX-512 code for bf16 tensors on CPUs with AVX512-BF16 (Intel Sapphire
 Rapids and later), parallel over torch's OpenMP threads. `extension()` compiles them once per torch
@@ -23,7 +23,7 @@ import torch
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("attention.cpp", "bindings.cpp", "column_sums.cpp", "dropout.cpp", "layer_norm.cpp", "loss.cpp",
-           "transpose.cpp", "weight_grad.cpp")
+           "squared_norm.cpp", "transpose.cpp", "weight_grad.cpp")
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16")
 _COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 _AMX_FLAGS = ["-mamx-tile", "-mamx-bf16"]  # without them (a compiler before GCC 11): NMT_NO_AMX, no AMX kernel

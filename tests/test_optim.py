@@ -9,7 +9,7 @@ import torch
 
 from nmt.config import OptimizerConfig, ScheduleConfig
 from nmt.errors import NmtError
-from nmt.training.optim import build_optimizer, build_scheduler, clip_gradients
+from nmt.training.optim import build_optimizer, build_scheduler, clip_gradients, total_norm
 
 PEAK = 1e-3
 
@@ -206,3 +206,23 @@ def test_clip_gradients_without_gradients_does_nothing():
     (model, _), (opt, _) = _two_models(True)
     clip_gradients(opt, 1.0)
     assert opt.grad_scale is None and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpu-kernels", "torch"])
+def test_total_norm_is_the_norm_of_all_gradients_together(kernels, monkeypatch):
+    """One pass of nmt/csrc/squared_norm.cpp (sizes below, at and above its 16K-element chunks, and empty
+    tensors) or torch's get_total_norm; other dtypes and layouts always through torch."""
+    from nmt import cpu_kernels
+    if kernels and cpu_kernels.extension() is None:
+        pytest.skip(f"CPU kernels unavailable: {cpu_kernels.unavailable_reason}")
+    if not kernels:
+        monkeypatch.setattr(cpu_kernels, "extension", lambda: None)
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=gen) * 3 for n in (0, 1, 17, 16384, 16385, 100_003)]
+    grads.append(torch.randn(300, 257, generator=gen))
+    expected = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+    assert total_norm(grads) == pytest.approx(expected, rel=1e-6)
+    assert total_norm([]) == 0.0
+    strided = torch.randn(64, 64, generator=gen).t()
+    assert total_norm([strided, grads[3]]) == pytest.approx(math.hypot(strided.norm(), grads[3].norm()), rel=1e-6)
+    assert total_norm([grads[4].bfloat16()]) == pytest.approx(float(grads[4].bfloat16().float().norm()), rel=1e-2)

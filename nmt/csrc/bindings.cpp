@@ -20,6 +20,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "gradients of layer_norm_forward: x (+ residual when given), weight, bias", py::arg("grad"), py::arg("x"),
         py::arg("mean"), py::arg("rstd"), py::arg("weight"), py::arg("residual") = py::none());
   m.def("column_sums", &nmt::column_sums, "fp32 sums over the rows of a bf16 [rows, N] matrix");
+  m.def("squared_norm", &nmt::squared_norm, "sum of squares of all elements of contiguous fp32 CPU tensors");
   m.def("transpose_bf16", &nmt::transpose_bf16, "row-major copy of x^T, bf16 [R, C] (R % 32 == 0, C % 16 == 0)");
   m.def("weight_grad", &nmt::weight_grad, "dY^T X in fp32 from bf16 dY [M, N] and X [M, K], with AMX (+ out)",
         py::arg("grad"), py::arg("x"), py::arg("out") = py::none());

@@ -33,6 +33,9 @@ std::vector<at::Tensor> layer_norm_backward(const at::Tensor& grad, const at::Te
 // column_sums.cpp: fp32 sums over the rows of a bf16 [rows, N] matrix (a Linear layer's bias gradient)
 at::Tensor column_sums(const at::Tensor& x);
 
+// squared_norm.cpp: the sum of squares of all elements of contiguous fp32 CPU tensors (gradient clipping)
+double squared_norm(const std::vector<at::Tensor>& tensors);
+
 // transpose.cpp: a row-major copy of x^T for bf16 x [R, C] (R a multiple of 32, C of 16)
 at::Tensor transpose_bf16(const at::Tensor& x);
 

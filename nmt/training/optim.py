@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from nmt import cpu_kernels
 from nmt.config import OptimizerConfig, ScheduleConfig
 from nmt.errors import NmtError
 
@@ -61,7 +62,7 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float, in_step: b
         optimizer.grad_scale = None
     if not grads:
         return
-    total = float(torch.nn.utils.get_total_norm(grads))
+    total = total_norm(grads)
     coef = max_norm / (total + 1e-6)
     if coef >= 1.0:
         return
@@ -69,6 +70,17 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float, in_step: b
         optimizer.grad_scale = torch.tensor(1.0 / coef, device=grads[0].device)
     else:
         torch._foreach_mul_(grads, coef)
+
+
+def total_norm(grads: list[torch.Tensor]) -> float:
+    """The 2-norm of all gradients together (`torch.nn.utils.get_total_norm`); contiguous fp32 CPU gradients
+    in one pass of `nmt/csrc/squared_norm.cpp` where the kernels are available (one op instead of one per
+    tensor: 113 for the d256 recipe)."""
+    if all(g.device.type == "cpu" and g.dtype == torch.float32 and g.is_contiguous() for g in grads):
+        kernels = cpu_kernels.extension()
+        if kernels is not None:
+            return math.sqrt(kernels.squared_norm(grads))
+    return float(torch.nn.utils.get_total_norm(grads))
 
 
 def _betas(betas: list[float]) -> tuple[float, float]:
