@@ -161,6 +161,24 @@ def test_weight_bias_grad_adds_the_column_sums(rows, n, k):
 
 
 @needs_amx
+def test_weight_grad_shared_out_on_demand_does_not_depend_on_the_threads():
+    """dY wider than X: the threads take panels of dY's columns as they finish (parallel.h); every element is
+    still summed by one thread in row order, so the result is the same bit for bit with 1 or 2 threads and
+    from call to call (training stays reproducible)."""
+    grad, x = torch.randn(1000, 1024).bfloat16(), torch.randn(1000, 256).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = cpu_kernels.extension().weight_bias_grad(grad, x)
+        torch.set_num_threads(2)
+        shared = [cpu_kernels.extension().weight_bias_grad(grad, x) for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    for weight, bias in shared:
+        assert torch.equal(weight, alone[0]) and torch.equal(bias, alone[1])
+
+
+@needs_amx
 def test_weight_grad_refuses_what_it_cannot_compute():
     ext = cpu_kernels.extension()
     with pytest.raises(RuntimeError, match="multiples of 32"):

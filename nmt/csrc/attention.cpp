@@ -21,6 +21,7 @@
 #include "bf16_vec.h"
 #include "keep_bits.h"
 #include "kernels.h"
+#include "parallel.h"
 #ifndef NMT_NO_AMX
 #include "amx_tiles.h"
 #endif
@@ -155,6 +156,8 @@ struct Shape {
       : B(B), H(H), T(T), S(S), D(D), Sp(round_up(S, 32)), Dp(round_up(D, 32)), Tp(round_up(T, 32)), S2((S + 1) / 2),
         T2((T + 1) / 2), P(D / 2) {}
 };
+
+constexpr int64_t kItemsPerPiece = 8;  // (sentence, head) pairs a thread takes at a time (parallel.h)
 
 // Queries and keys from which the products run on AMX: with fewer, the padding to whole 32-row tiles
 // costs more than AMX saves (forward + backward of ~4,000-token batches, 4 heads, size 64, against the dot
@@ -301,7 +304,7 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
   const Heads ho(context.transpose(1, 2), "context");
   uint16_t* pp = bf16_data_mut(probs);
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, n.B * n.H, 4, [&](int64_t begin, int64_t end) {
+  parallel_pieces(0, n.B * n.H, kItemsPerPiece, [&](int64_t, Pieces& pieces) {
     const Products products(n);
     // zero-padded to whole 32-row / 32-column tiles: Q's rows (AMX's copy), V's row pairs, dropout(P)'s rows
     // and columns
@@ -309,57 +312,58 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
     std::vector<uint32_t> kt(n.P * n.Sp), vp(n.Sp / 2 * n.Dp, 0);
     std::vector<float> scores(n.Tp * n.Sp), out(n.Tp * n.Dp);
     std::vector<__mmask32> allowed((n.S + 31) / 32);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / n.H, h = item % n.H;
-      if (item + 1 < end)
-        for (const Heads* x : {&hq, &hk, &hv})
-          x->prefetch((item + 1) / n.H, (item + 1) % n.H, x == &hq ? n.T : n.S, n.D);
-      transpose_pairs(hk.row(b, h, 0), n.S, hk.st, n.P, kt.data(), n.Sp);
-      interleave_rows(hv.row(b, h, 0), n.S, hv.st, n.D, vp.data(), n.Dp);
-      const auto [q_rows, q_stride] = hq.rows(b, h, n.T, n.D, products.amx, qrows);
-      products.gemm(n.T, n.S, n.D, q_rows, q_stride, kt.data(), n.Sp, scores.data(), n.Sp);
-      uint16_t* pd16 = pd.data();
-      for (int64_t t = 0; t < n.T; ++t) {
-        float* row = scores.data() + t * n.Sp;
-        uint16_t* p_out = pp + (item * n.T + t) * n.S;
-        uint16_t* d_out = pd16 + t * n.Sp;  // its columns past S stay 0
-        if (!allowed_keys(mask ? mask + b * n.S : nullptr, causal, n.T, n.S, t, allowed.data())) {
-          std::memset(p_out, 0, n.S * sizeof(uint16_t));
-          std::memset(d_out, 0, n.S * sizeof(uint16_t));
-          continue;
+    for (int64_t begin, end; pieces.take(begin, end);)
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / n.H, h = item % n.H;
+        if (item + 1 < end)
+          for (const Heads* x : {&hq, &hk, &hv})
+            x->prefetch((item + 1) / n.H, (item + 1) % n.H, x == &hq ? n.T : n.S, n.D);
+        transpose_pairs(hk.row(b, h, 0), n.S, hk.st, n.P, kt.data(), n.Sp);
+        interleave_rows(hv.row(b, h, 0), n.S, hv.st, n.D, vp.data(), n.Dp);
+        const auto [q_rows, q_stride] = hq.rows(b, h, n.T, n.D, products.amx, qrows);
+        products.gemm(n.T, n.S, n.D, q_rows, q_stride, kt.data(), n.Sp, scores.data(), n.Sp);
+        uint16_t* pd16 = pd.data();
+        for (int64_t t = 0; t < n.T; ++t) {
+          float* row = scores.data() + t * n.Sp;
+          uint16_t* p_out = pp + (item * n.T + t) * n.S;
+          uint16_t* d_out = pd16 + t * n.Sp;  // its columns past S stay 0
+          if (!allowed_keys(mask ? mask + b * n.S : nullptr, causal, n.T, n.S, t, allowed.data())) {
+            std::memset(p_out, 0, n.S * sizeof(uint16_t));
+            std::memset(d_out, 0, n.S * sizeof(uint16_t));
+            continue;
+          }
+          __m512 high = _mm512_set1_ps(-INFINITY);
+          for (int64_t j = 0; j < n.S; j += 16) {
+            const __mmask16 m = static_cast<__mmask16>(allowed[j / 32] >> (j % 32));
+            high = _mm512_mask_max_ps(high, m, high, _mm512_mul_ps(_mm512_loadu_ps(row + j), _mm512_set1_ps(sc)));
+          }
+          const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(high));
+          __m512 total = _mm512_setzero_ps();
+          for (int64_t j = 0; j < n.S; j += 16) {
+            const __mmask16 m = static_cast<__mmask16>(allowed[j / 32] >> (j % 32));
+            const __m512 e = _mm512_maskz_mov_ps(
+                m, exp_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), _mm512_set1_ps(sc), shift)));
+            total = _mm512_add_ps(total, e);
+            _mm512_storeu_ps(row + j, e);
+          }
+          const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+          for (int64_t j = 0; j < n.S; j += 32) {
+            const __m512 lo = _mm512_mul_ps(_mm512_loadu_ps(row + j), inverse);
+            const __m512 hi = _mm512_mul_ps(_mm512_loadu_ps(row + j + 16), inverse);
+            // dropout of the bf16-rounded P, as the tensor-op path drops the bf16 weights (rounded in registers:
+            // reading back the masked store would stall on store forwarding)
+            const __m512i rounded = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+            _mm512_mask_storeu_epi16(p_out + j, first_lanes(n.S - j), rounded);
+            const __mmask32 keep = drop.keep(item * n.T + t, j / 32);
+            __m512 rlo = bf16_to_fp32(_mm512_castsi512_si256(rounded));
+            __m512 rhi = bf16_to_fp32(_mm512_extracti64x4_epi64(rounded, 1));
+            scale_where(rlo, rhi, keep, drop.scale);
+            store32(d_out + j, n.S - j, rlo, rhi);
+          }
         }
-        __m512 high = _mm512_set1_ps(-INFINITY);
-        for (int64_t j = 0; j < n.S; j += 16) {
-          const __mmask16 m = static_cast<__mmask16>(allowed[j / 32] >> (j % 32));
-          high = _mm512_mask_max_ps(high, m, high, _mm512_mul_ps(_mm512_loadu_ps(row + j), _mm512_set1_ps(sc)));
-        }
-        const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(high));
-        __m512 total = _mm512_setzero_ps();
-        for (int64_t j = 0; j < n.S; j += 16) {
-          const __mmask16 m = static_cast<__mmask16>(allowed[j / 32] >> (j % 32));
-          const __m512 e =
-              _mm512_maskz_mov_ps(m, exp_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), _mm512_set1_ps(sc), shift)));
-          total = _mm512_add_ps(total, e);
-          _mm512_storeu_ps(row + j, e);
-        }
-        const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-        for (int64_t j = 0; j < n.S; j += 32) {
-          const __m512 lo = _mm512_mul_ps(_mm512_loadu_ps(row + j), inverse);
-          const __m512 hi = _mm512_mul_ps(_mm512_loadu_ps(row + j + 16), inverse);
-          // dropout of the bf16-rounded P, as the tensor-op path drops the bf16 weights (rounded in registers:
-          // reading back the masked store would stall on store forwarding)
-          const __m512i rounded = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-          _mm512_mask_storeu_epi16(p_out + j, first_lanes(n.S - j), rounded);
-          const __mmask32 keep = drop.keep(item * n.T + t, j / 32);
-          __m512 rlo = bf16_to_fp32(_mm512_castsi512_si256(rounded));
-          __m512 rhi = bf16_to_fp32(_mm512_extracti64x4_epi64(rounded, 1));
-          scale_where(rlo, rhi, keep, drop.scale);
-          store32(d_out + j, n.S - j, rlo, rhi);
-        }
+        products.gemm(n.T, n.D, n.S, pd16, n.Sp, vp.data(), n.Dp, out.data(), n.Dp);
+        for (int64_t t = 0; t < n.T; ++t) store_row(ho.row(b, h, t), out.data() + t * n.Dp, n.D);
       }
-      products.gemm(n.T, n.D, n.S, pd16, n.Sp, vp.data(), n.Dp, out.data(), n.Dp);
-      for (int64_t t = 0; t < n.T; ++t) store_row(ho.row(b, h, t), out.data() + t * n.Dp, n.D);
-    }
   });
   return {context.transpose(1, 2), probs};
 }
@@ -377,63 +381,64 @@ void attention_backward(const at::Tensor& grad, const at::Tensor& q, const at::T
   const Dropout drop = make_dropout(threshold, drop_scale, seed, n.S);
   const uint16_t* pp = bf16_data(probs);
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, n.B * n.H, 4, [&](int64_t begin, int64_t end) {
+  parallel_pieces(0, n.B * n.H, kItemsPerPiece, [&](int64_t, Pieces& pieces) {
     const Products products(n);
     // zero-padded to whole 32-row / 32-column tiles (see the forward)
     std::vector<uint16_t> grows(products.amx ? n.Tp * n.D : 0, 0), ds(n.Tp * n.Sp, 0), pd(n.Tp * n.Sp, 0);
     std::vector<uint32_t> vt(n.P * n.Sp), kp(n.Sp / 2 * n.Dp, 0), qp(n.Tp / 2 * n.Dp, 0), gp(n.Tp / 2 * n.Dp, 0);
     std::vector<uint32_t> ds_pairs(n.Tp / 2 * n.Sp, 0), pd_pairs(n.Tp / 2 * n.Sp, 0), scratch(n.Sp * n.Tp / 2);
     std::vector<float> dp(n.Tp * n.Sp), out(std::max(n.Tp, n.Sp) * n.Dp);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / n.H, h = item % n.H;
-      if (item + 1 < end)
-        for (const Heads* x : {&hg, &hq, &hk, &hv})
-          x->prefetch((item + 1) / n.H, (item + 1) % n.H, x == &hq || x == &hg ? n.T : n.S, n.D);
-      transpose_pairs(hv.row(b, h, 0), n.S, hv.st, n.P, vt.data(), n.Sp);
-      const auto [g_rows, g_stride] = hg.rows(b, h, n.T, n.D, products.amx, grows);
-      products.gemm(n.T, n.S, n.D, g_rows, g_stride, vt.data(), n.Sp, dp.data(), n.Sp);
-      uint16_t *ds16 = ds.data(), *pd16 = pd.data();  // rows of Sp values, those past S staying 0
-      for (int64_t t = 0; t < n.T; ++t) {
-        const uint16_t* p_row = pp + (item * n.T + t) * n.S;
-        float* d_row = dp.data() + t * n.Sp;
-        __m512 dot = _mm512_setzero_ps();
-        for (int64_t j = 0; j < n.S; j += 32) {  // dP = keep * dropscale * dPd (in place), sum_j P_j dP_j
-          const __mmask32 keep = drop.keep(item * n.T + t, j / 32);
-          __m512 plo, phi;
-          load32(p_row + j, n.S - j, plo, phi);
-          __m512 lo = _mm512_loadu_ps(d_row + j), hi = _mm512_loadu_ps(d_row + j + 16);
-          scale_where(lo, hi, keep, drop.scale);
-          _mm512_storeu_ps(d_row + j, lo);
-          _mm512_storeu_ps(d_row + j + 16, hi);
-          dot = _mm512_fmadd_ps(plo, lo, _mm512_fmadd_ps(phi, hi, dot));
-          scale_where(plo, phi, keep, drop.scale);  // dropout(P), for dV
-          store32(pd16 + t * n.Sp + j, n.S - j, plo, phi);
+    for (int64_t begin, end; pieces.take(begin, end);)
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / n.H, h = item % n.H;
+        if (item + 1 < end)
+          for (const Heads* x : {&hg, &hq, &hk, &hv})
+            x->prefetch((item + 1) / n.H, (item + 1) % n.H, x == &hq || x == &hg ? n.T : n.S, n.D);
+        transpose_pairs(hv.row(b, h, 0), n.S, hv.st, n.P, vt.data(), n.Sp);
+        const auto [g_rows, g_stride] = hg.rows(b, h, n.T, n.D, products.amx, grows);
+        products.gemm(n.T, n.S, n.D, g_rows, g_stride, vt.data(), n.Sp, dp.data(), n.Sp);
+        uint16_t *ds16 = ds.data(), *pd16 = pd.data();  // rows of Sp values, those past S staying 0
+        for (int64_t t = 0; t < n.T; ++t) {
+          const uint16_t* p_row = pp + (item * n.T + t) * n.S;
+          float* d_row = dp.data() + t * n.Sp;
+          __m512 dot = _mm512_setzero_ps();
+          for (int64_t j = 0; j < n.S; j += 32) {  // dP = keep * dropscale * dPd (in place), sum_j P_j dP_j
+            const __mmask32 keep = drop.keep(item * n.T + t, j / 32);
+            __m512 plo, phi;
+            load32(p_row + j, n.S - j, plo, phi);
+            __m512 lo = _mm512_loadu_ps(d_row + j), hi = _mm512_loadu_ps(d_row + j + 16);
+            scale_where(lo, hi, keep, drop.scale);
+            _mm512_storeu_ps(d_row + j, lo);
+            _mm512_storeu_ps(d_row + j + 16, hi);
+            dot = _mm512_fmadd_ps(plo, lo, _mm512_fmadd_ps(phi, hi, dot));
+            scale_where(plo, phi, keep, drop.scale);  // dropout(P), for dV
+            store32(pd16 + t * n.Sp + j, n.S - j, plo, phi);
+          }
+          const __m512 r = _mm512_set1_ps(_mm512_reduce_add_ps(dot)), s = _mm512_set1_ps(sc);
+          for (int64_t j = 0; j < n.S; j += 32) {
+            __m512 plo, phi;
+            load32(p_row + j, n.S - j, plo, phi);
+            store32(ds16 + t * n.Sp + j, n.S - j,
+                    _mm512_mul_ps(_mm512_mul_ps(plo, s), _mm512_sub_ps(_mm512_loadu_ps(d_row + j), r)),
+                    _mm512_mul_ps(_mm512_mul_ps(phi, s), _mm512_sub_ps(_mm512_loadu_ps(d_row + j + 16), r)));
+          }
         }
-        const __m512 r = _mm512_set1_ps(_mm512_reduce_add_ps(dot)), s = _mm512_set1_ps(sc);
-        for (int64_t j = 0; j < n.S; j += 32) {
-          __m512 plo, phi;
-          load32(p_row + j, n.S - j, plo, phi);
-          store32(ds16 + t * n.Sp + j, n.S - j,
-                  _mm512_mul_ps(_mm512_mul_ps(plo, s), _mm512_sub_ps(_mm512_loadu_ps(d_row + j), r)),
-                  _mm512_mul_ps(_mm512_mul_ps(phi, s), _mm512_sub_ps(_mm512_loadu_ps(d_row + j + 16), r)));
-        }
+        // dQ = dS K
+        interleave_rows(hk.row(b, h, 0), n.S, hk.st, n.D, kp.data(), n.Dp);
+        products.gemm(n.T, n.D, n.S, ds16, n.Sp, kp.data(), n.Dp, out.data(), n.Dp);
+        for (int64_t t = 0; t < n.T; ++t) store_row(gq.row(b, h, t), out.data() + t * n.Dp, n.D);
+        // dK = dS^T Q, dV = dropout(P)^T dO: products reducing over the queries
+        interleave_rows(ds16, n.T, n.Sp, n.S, ds_pairs.data(), n.Sp);
+        interleave_rows(pd16, n.T, n.Sp, n.S, pd_pairs.data(), n.Sp);
+        interleave_rows(hq.row(b, h, 0), n.T, hq.st, n.D, qp.data(), n.Dp);
+        interleave_rows(hg.row(b, h, 0), n.T, hg.st, n.D, gp.data(), n.Dp);
+        products.gemm_over_pairs(n.S, n.D, n.T, ds_pairs.data(), n.Sp, qp.data(), n.Dp, out.data(), n.Dp,
+                                 scratch.data());
+        for (int64_t j = 0; j < n.S; ++j) store_row(gk.row(b, h, j), out.data() + j * n.Dp, n.D);
+        products.gemm_over_pairs(n.S, n.D, n.T, pd_pairs.data(), n.Sp, gp.data(), n.Dp, out.data(), n.Dp,
+                                 scratch.data());
+        for (int64_t j = 0; j < n.S; ++j) store_row(gv.row(b, h, j), out.data() + j * n.Dp, n.D);
       }
-      // dQ = dS K
-      interleave_rows(hk.row(b, h, 0), n.S, hk.st, n.D, kp.data(), n.Dp);
-      products.gemm(n.T, n.D, n.S, ds16, n.Sp, kp.data(), n.Dp, out.data(), n.Dp);
-      for (int64_t t = 0; t < n.T; ++t) store_row(gq.row(b, h, t), out.data() + t * n.Dp, n.D);
-      // dK = dS^T Q, dV = dropout(P)^T dO: products reducing over the queries
-      interleave_rows(ds16, n.T, n.Sp, n.S, ds_pairs.data(), n.Sp);
-      interleave_rows(pd16, n.T, n.Sp, n.S, pd_pairs.data(), n.Sp);
-      interleave_rows(hq.row(b, h, 0), n.T, hq.st, n.D, qp.data(), n.Dp);
-      interleave_rows(hg.row(b, h, 0), n.T, hg.st, n.D, gp.data(), n.Dp);
-      products.gemm_over_pairs(n.S, n.D, n.T, ds_pairs.data(), n.Sp, qp.data(), n.Dp, out.data(), n.Dp,
-                               scratch.data());
-      for (int64_t j = 0; j < n.S; ++j) store_row(gk.row(b, h, j), out.data() + j * n.Dp, n.D);
-      products.gemm_over_pairs(n.S, n.D, n.T, pd_pairs.data(), n.Sp, gp.data(), n.Dp, out.data(), n.Dp,
-                               scratch.data());
-      for (int64_t j = 0; j < n.S; ++j) store_row(gv.row(b, h, j), out.data() + j * n.Dp, n.D);
-    }
   });
 }
 

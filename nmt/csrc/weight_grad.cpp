@@ -3,21 +3,23 @@
 //
 // The reduction runs over the M rows (tokens), the strided dimension of both operands, so a matmul
 // library must repack both: oneDNN's bf16 matmul of this layout ran at a third to a half of its speed
-// for [M, K] x [K, N] in the d256 recipe's profiles. Here the threads split dY's columns (or, where X is
-// the wider operand, the rows); each packs 256 rows at a time into AMX tiles -- dY transposed (pairs of
-// rows interleaved, then 16 x 16 blocks of 32-bit pairs transposed with AVX-512 shuffles), X as row pairs
-// (AMX's VNNI layout of its right operand) -- and accumulates its part of [N, K] in fp32 tiles of 32 x 32
-// (with split rows, the threads' sums are added at the end; onto `out` when given). Rows past M are
-// packed as zeros. N and K must be multiples of 32.
+// for [M, K] x [K, N] in the d256 recipe's profiles. Here X is packed first, 256 rows at a time, as row pairs
+// (AMX's VNNI layout of its right operand); then the threads take panels of dY's columns as they finish
+// their last (parallel.h) and pack each panel 256 rows at a time, transposed (pairs of rows interleaved,
+// then 16 x 16 blocks of 32-bit pairs transposed with AVX-512 shuffles), accumulating its rows of [N, K] in
+// fp32 tiles of 32 x 32 (onto `out` when given). Rows past M are packed as zeros. N and K must be
+// multiples of 32.
 // weight_bias_grad also returns dY's fp32 column sums (the bias gradient), taken while dY is packed.
 #include <ATen/Parallel.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "bf16_vec.h"
 #include "kernels.h"
+#include "parallel.h"
 #ifndef NMT_NO_AMX
 #include "amx_tiles.h"
 #endif
@@ -38,23 +40,35 @@ using amx::kTileElements;
 using amx::pack;
 
 constexpr int64_t kChunk = 256;  // rows packed at once (a multiple of 32)
-// sums[N, K] (+)= rows [m0, m1) of dY^T X for the N columns of dy (row stride ldy), 256 rows at a time
-// (`add`: onto what sums holds; else from 0); with `column_sums`, those rows' sums of dy are added to it
-void accumulate(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t N, int64_t K, int64_t m0, int64_t m1,
-                float* sums, bool add, uint16_t* a_pack, uint16_t* b_pack, float* column_sums) {
-  for (int64_t start = m0; start < m1; start += kChunk) {
-    const int64_t steps = (std::min(kChunk, m1 - start) + 31) / 32;
-    pack(dy, ldy, m1, N, start, steps, true, a_pack, column_sums);
-    pack(x, K, m1, K, start, steps, false, b_pack);
+
+int64_t chunk_steps(int64_t M, int64_t start) { return (std::min(kChunk, M - start) + 31) / 32; }
+
+// `width` columns of a bf16 [M, *] matrix (row stride ld) packed 256 rows at a time (amx::pack; `transposed`:
+// AMX's left operand, else its right one), the chunks in parallel, chunk c at packed + c * 256 * width
+void pack_chunks(const uint16_t* src, int64_t ld, int64_t M, int64_t width, bool transposed, uint16_t* packed) {
+  parallel_for_pieces(0, (M + kChunk - 1) / kChunk, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c)
+      pack(src, ld, M, width, c * kChunk, chunk_steps(M, c * kChunk), transposed, packed + c * kChunk * width);
+  });
+}
+
+// sums[N, K] (row stride ldc; `add`: onto what it holds, else from 0) (+)= dY^T X over M rows, 256 at a time:
+// a(start, steps) and b(start, steps) give the chunk's packed operands, N and K columns wide
+template <class A, class B>
+void accumulate(int64_t M, int64_t N, int64_t K, const A& a_chunk, const B& b_chunk, float* sums, int64_t ldc,
+                bool add) {
+  for (int64_t start = 0; start < M; start += kChunk) {
+    const int64_t steps = chunk_steps(M, start);
+    const uint16_t *a_pack = a_chunk(start, steps), *b_pack = b_chunk(start, steps);
     for (int64_t n = 0; n < N; n += 32) {
       for (int64_t k = 0; k < K; k += 32) {
-        float* c = sums + n * K + k;
-        const int64_t ldc = K * sizeof(float);
+        float* c = sums + n * ldc + k;
+        const int64_t stride = ldc * sizeof(float);
         if (add) {
-          _tile_loadd(0, c, ldc);
-          _tile_loadd(1, c + 16, ldc);
-          _tile_loadd(2, c + 16 * K, ldc);
-          _tile_loadd(3, c + 16 * K + 16, ldc);
+          _tile_loadd(0, c, stride);
+          _tile_loadd(1, c + 16, stride);
+          _tile_loadd(2, c + 16 * ldc, stride);
+          _tile_loadd(3, c + 16 * ldc + 16, stride);
         } else {
           _tile_zero(0);
           _tile_zero(1);
@@ -73,10 +87,10 @@ void accumulate(const uint16_t* dy, int64_t ldy, const uint16_t* x, int64_t N, i
           _tile_dpbf16ps(2, 5, 6);
           _tile_dpbf16ps(3, 5, 7);
         }
-        _tile_stored(0, c, ldc);
-        _tile_stored(1, c + 16, ldc);
-        _tile_stored(2, c + 16 * K, ldc);
-        _tile_stored(3, c + 16 * K + 16, ldc);
+        _tile_stored(0, c, stride);
+        _tile_stored(1, c + 16, stride);
+        _tile_stored(2, c + 16 * ldc, stride);
+        _tile_stored(3, c + 16 * ldc + 16, stride);
       }
     }
     add = true;
@@ -97,49 +111,72 @@ std::vector<at::Tensor> weight_and_bias_grad(const at::Tensor& grad, const at::T
                     out->dim() == 2 && out->size(0) == N && out->size(1) == K,
                 "out must be a contiguous fp32 CPU tensor [N, K]");
   auto options = x.options().dtype(at::kFloat);
-  // The threads split the columns of dY (each packs all of X; no sums to add), or, where X is at least as
-  // wide (so packing all of it in every thread costs more than adding the sums: [256, 256] 1.11x faster by
-  // rows) or dY too narrow to share, the rows (each sums all of [N, K]; the sums are added at the end).
-  const int64_t threads = at::get_num_threads();
-  const bool split_rows = K >= N || N < 64 * threads;
-  const int64_t units = split_rows ? (M + kChunk - 1) / kChunk : N / 32;  // row chunks or 32-column blocks
-  const int64_t tasks = std::max<int64_t>(1, std::min(threads, units));
-  const int64_t per_task = (units + tasks - 1) / tasks;
   at::Tensor result = out ? *out : at::empty({N, K}, options);
-  auto others = at::empty({split_rows ? tasks - 1 : 0, N, K}, options);  // row tasks 1.. sum here
-  auto column_sums = at::zeros({bias ? tasks : 0, N}, options);  // per task
+  if (M == 0) {
+    if (!out) result.zero_();
+    return bias ? std::vector<at::Tensor>{result, at::zeros({N}, options)} : std::vector<at::Tensor>{result};
+  }
+  const int64_t threads = at::get_num_threads();
   const uint16_t *dy = bf16_data(grad), *xp = bf16_data(x);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    amx::TileScope tiles;
-    const int64_t packed_columns = split_rows ? N : per_task * 32;  // the widest part of dY a task packs
-    auto a_pack = at::empty({packed_columns / 16, kChunk / 32, kTileElements}, x.options());
-    auto b_pack = at::empty({K / 16, kChunk / 32, kTileElements}, x.options());
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t first = std::min(units, task * per_task), last = std::min(units, (task + 1) * per_task);
-      if (split_rows) {
+  if (K >= N || N < 64 * threads) {
+    // X at least as wide as dY (or dY too narrow to share): the threads split the rows, each summing all of
+    // [N, K] (added at the end, in order) from both operands packed 256 rows at a time
+    const int64_t chunks = (M + kChunk - 1) / kChunk, tasks = std::min(threads, chunks);
+    const int64_t per_task = (chunks + tasks - 1) / tasks;
+    auto others = at::empty({tasks - 1, N, K}, options);
+    auto task_sums = at::zeros({bias ? tasks : 0, N}, options);
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      amx::TileScope tiles;
+      auto a_pack = at::empty({N * kChunk}, x.options()), b_pack = at::empty({K * kChunk}, x.options());
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t m0 = std::min(M, task * per_task * kChunk), m1 = std::min(M, (task + 1) * per_task * kChunk);
+        float* column_sums = bias ? task_sums.data_ptr<float>() + task * N : nullptr;
+        const auto rows_of_dy = [&](int64_t start, int64_t steps) {
+          pack(dy, N, m1, N, m0 + start, steps, true, bf16_data_mut(a_pack), column_sums);
+          return bf16_data(a_pack);
+        };
+        const auto rows_of_x = [&](int64_t start, int64_t steps) {
+          pack(xp, K, m1, K, m0 + start, steps, false, bf16_data_mut(b_pack));
+          return bf16_data(b_pack);
+        };
         float* sums = task ? others.data_ptr<float>() + (task - 1) * N * K : result.data_ptr<float>();
         const bool add = task == 0 && out.has_value();
-        float* task_sums = bias ? column_sums.data_ptr<float>() + task * N : nullptr;
-        if (first < last)
-          accumulate(dy, N, xp, N, K, first * kChunk, std::min(M, last * kChunk), sums, add,
-                     bf16_data_mut(a_pack), bf16_data_mut(b_pack), task_sums);
+        if (m0 < m1)
+          accumulate(m1 - m0, N, K, rows_of_dy, rows_of_x, sums, K, add);
         else if (!add)
           std::fill(sums, sums + N * K, 0.0f);
-      } else if (first < last) {
-        const int64_t n0 = first * 32, width = (last - first) * 32;
-        float* sums = result.data_ptr<float>() + n0 * K;
-        float* task_sums = bias ? column_sums.data_ptr<float>() + task * N + n0 : nullptr;
-        if (M > 0)
-          accumulate(dy + n0, N, xp, width, K, 0, M, sums, out.has_value(), bf16_data_mut(a_pack),
-                     bf16_data_mut(b_pack), task_sums);
-        else if (!out)
-          std::fill(sums, sums + width * K, 0.0f);
       }
+    });
+    for (int64_t i = 0; i < others.size(0); ++i) result.add_(others[i]);
+    if (!bias) return {result};
+    return {result, task_sums.sum(0)};
+  }
+  // dY wider than X: X is packed whole first (every panel reads all of it); then the threads take panels of
+  // dY's columns, about 4 per thread, as they finish their last (parallel.h), and pack each 256 rows at a
+  // time. Each output element is summed by one thread in row order: the result does not depend on which
+  // thread took what.
+  const int64_t chunks = (M + kChunk - 1) / kChunk;
+  auto x_packed = at::empty({chunks * kChunk * K}, x.options());
+  pack_chunks(xp, K, M, K, false, bf16_data_mut(x_packed));
+  auto chunk_sums = at::zeros({bias ? chunks : 0, N}, options);  // dY's column sums per chunk
+  float* sums_p = bias ? chunk_sums.data_ptr<float>() : nullptr;
+  const int64_t units = N / 32, panel = std::max<int64_t>(1, units / (4 * threads));
+  parallel_pieces(0, units, panel, [&](int64_t, Pieces& pieces) {
+    amx::TileScope tiles;
+    auto buffer = at::empty({panel * 32 * kChunk}, x.options());
+    for (int64_t first, last; pieces.take(first, last);) {
+      const int64_t n0 = first * 32, width = (last - first) * 32;
+      const auto panel_of_dy = [&](int64_t start, int64_t steps) {
+        pack(dy + n0, N, M, width, start, steps, true, bf16_data_mut(buffer),
+             sums_p ? sums_p + start / kChunk * N + n0 : nullptr);
+        return bf16_data(buffer);
+      };
+      const auto rows_of_x = [&](int64_t start, int64_t) { return bf16_data(x_packed) + start * K; };
+      accumulate(M, width, K, panel_of_dy, rows_of_x, result.data_ptr<float>() + n0 * K, K, out.has_value());
     }
   });
-  for (int64_t i = 0; i < others.size(0); ++i) result.add_(others[i]);
   if (!bias) return {result};
-  return {result, column_sums.sum(0)};
+  return {result, chunk_sums.sum(0)};
 }
 
 }  // namespace
