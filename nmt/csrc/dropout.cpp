@@ -12,6 +12,7 @@
 #include "bf16_vec.h"
 #include "keep_bits.h"
 #include "kernels.h"
+#include "parallel.h"
 
 namespace nmt {
 namespace {
@@ -20,7 +21,7 @@ namespace {
 // offset, count) may change the 32 values of each half before they are stored as bf16.
 template <typename KeepOf, typename Epilogue>
 void scale_kept_blocks(int64_t n, const uint16_t* in, uint16_t* out, __m512 s, KeepOf keep_of, Epilogue epilogue) {
-  at::parallel_for(0, (n + 63) / 64, 256, [&](int64_t begin, int64_t end) {
+  parallel_for_pieces(0, (n + 63) / 64, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const uint64_t keep = keep_of(k);
       for (int h = 0; h < 2; ++h) {
@@ -104,7 +105,7 @@ at::Tensor relu_dropout_backward(const at::Tensor& grad, const at::Tensor& out, 
   const uint16_t* yp = bf16_data(out);
   uint16_t* rp = bf16_data_mut(result);
   const __m512 s = _mm512_set1_ps(static_cast<float>(scale));
-  at::parallel_for(0, (n + 31) / 32, 512, [&](int64_t begin, int64_t end) {
+  parallel_for_pieces(0, (n + 31) / 32, 2048, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const int64_t off = k * 32, cnt = n - off;
       // a bf16 value is > 0 exactly when its bits, read as int16, are > 0

@@ -15,6 +15,7 @@
 
 #include "bf16_vec.h"
 #include "kernels.h"
+#include "parallel.h"
 
 namespace nmt {
 namespace {
@@ -58,7 +59,7 @@ std::vector<at::Tensor> layer_norm_forward(const at::Tensor& x, const at::Tensor
   uint16_t* yp = bf16_data_mut(y);
   const float *w = weight.data_ptr<float>(), *b = bias.data_ptr<float>();
   float *mean_p = mean.data_ptr<float>(), *rstd_p = rstd.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  parallel_for_pieces(0, rows, 128, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const uint16_t* row = xp + r * size;
       __m512 s_lo = _mm512_setzero_ps(), s_hi = _mm512_setzero_ps();

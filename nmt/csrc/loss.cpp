@@ -14,6 +14,7 @@
 
 #include "bf16_vec.h"
 #include "kernels.h"
+#include "parallel.h"
 
 namespace nmt {
 namespace {
@@ -58,7 +59,7 @@ std::vector<at::Tensor> logit_row_stats(const at::Tensor& logits, const at::Tens
   const uint16_t* z = bf16_data(logits);
   float *lse_p = lse.data_ptr<float>(), *total_p = total.data_ptr<float>(), *target_p = at_target.data_ptr<float>();
   float* factor_p = factor.data_ptr<float>();
-  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+  parallel_for_pieces(0, rows, 8, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const uint16_t* row = z + r * V;
       __m512 high = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
@@ -116,7 +117,7 @@ void softmax_minus_target(const at::Tensor& logits, const at::Tensor& lse, const
   const float* lse_p = lse.data_ptr<float>();
   const bool* keep_p = keep.data_ptr<bool>();
   const __m512 s = _mm512_set1_ps(static_cast<float>(scale));
-  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+  parallel_for_pieces(0, rows, 8, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       uint16_t* out_row = o + r * V;
       if (!keep_p[r]) {
