@@ -304,7 +304,7 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
   const Heads ho(context.transpose(1, 2), "context");
   uint16_t* pp = bf16_data_mut(probs);
   const float sc = static_cast<float>(scale);
-  parallel_pieces(0, n.B * n.H, kItemsPerPiece, [&](int64_t, Pieces& pieces) {
+  parallel_pieces(0, n.B * n.H, kItemsPerPiece, [&](Pieces& pieces) {
     const Products products(n);
     // zero-padded to whole 32-row / 32-column tiles: Q's rows (AMX's copy), V's row pairs, dropout(P)'s rows
     // and columns
@@ -381,7 +381,7 @@ void attention_backward(const at::Tensor& grad, const at::Tensor& q, const at::T
   const Dropout drop = make_dropout(threshold, drop_scale, seed, n.S);
   const uint16_t* pp = bf16_data(probs);
   const float sc = static_cast<float>(scale);
-  parallel_pieces(0, n.B * n.H, kItemsPerPiece, [&](int64_t, Pieces& pieces) {
+  parallel_pieces(0, n.B * n.H, kItemsPerPiece, [&](Pieces& pieces) {
     const Products products(n);
     // zero-padded to whole 32-row / 32-column tiles (see the forward)
     std::vector<uint16_t> grows(products.amx ? n.Tp * n.D : 0, 0), ds(n.Tp * n.Sp, 0), pd(n.Tp * n.Sp, 0);

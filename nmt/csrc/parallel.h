@@ -30,23 +30,22 @@ class Pieces {
   const int64_t end_, piece_;
 };
 
-// Runs worker(slot, pieces) once per thread (slot in [0, slots): the thread's own, for per-thread sums),
-// each taking pieces of [begin, end) until none is left; slots = the threads, at most one per piece.
+// Runs worker(pieces) once per thread (at most one thread per piece), each taking pieces of [begin, end)
+// until none is left: per-thread set-up (buffers, AMX tiles) goes before its loop over pieces.take.
 template <class Worker>
-int64_t parallel_pieces(int64_t begin, int64_t end, int64_t piece, const Worker& worker) {
+void parallel_pieces(int64_t begin, int64_t end, int64_t piece, const Worker& worker) {
   Pieces pieces(begin, end, piece);
   const int64_t count = end > begin ? (end - begin + piece - 1) / piece : 0;
-  const int64_t slots = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
-  at::parallel_for(0, slots, 1, [&](int64_t first, int64_t last) {
-    for (int64_t slot = first; slot < last; ++slot) worker(slot, pieces);
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t thread = first; thread < last; ++thread) worker(pieces);
   });
-  return slots;
 }
 
 // at::parallel_for(begin, end, ..., body) with the range handed out in pieces of `piece` items on demand.
 template <class Body>
 void parallel_for_pieces(int64_t begin, int64_t end, int64_t piece, const Body& body) {
-  parallel_pieces(begin, end, piece, [&](int64_t, Pieces& pieces) {
+  parallel_pieces(begin, end, piece, [&](Pieces& pieces) {
     for (int64_t first, last; pieces.take(first, last);) body(first, last);
   });
 }

@@ -161,7 +161,7 @@ std::vector<at::Tensor> weight_and_bias_grad(const at::Tensor& grad, const at::T
   auto chunk_sums = at::zeros({bias ? chunks : 0, N}, options);  // dY's column sums per chunk
   float* sums_p = bias ? chunk_sums.data_ptr<float>() : nullptr;
   const int64_t units = N / 32, panel = std::max<int64_t>(1, units / (4 * threads));
-  parallel_pieces(0, units, panel, [&](int64_t, Pieces& pieces) {
+  parallel_pieces(0, units, panel, [&](Pieces& pieces) {
     amx::TileScope tiles;
     auto buffer = at::empty({panel * 32 * kChunk}, x.options());
     for (int64_t first, last; pieces.take(first, last);) {
