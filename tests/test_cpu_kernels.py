@@ -171,7 +171,7 @@ def test_weight_grad_shared_out_on_demand_does_not_depend_on_the_threads():
         torch.set_num_threads(1)
         alone = cpu_kernels.extension().weight_bias_grad(grad, x)
         shared = []
-        for count in (2, 2, 5):  # 5: more threads than cores, some with no piece left to take
+        for count in (2, 2, 5):  # 5: more threads than cores
             torch.set_num_threads(count)
             shared.append(cpu_kernels.extension().weight_bias_grad(grad, x))
     finally:

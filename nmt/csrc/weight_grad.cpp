@@ -3,12 +3,12 @@
 //
 // The reduction runs over the M rows (tokens), the strided dimension of both operands, so a matmul
 // library must repack both: oneDNN's bf16 matmul of this layout ran at a third to a half of its speed
-// for [M, K] x [K, N] in the d256 recipe's profiles. Here X is packed first, 256 rows at a time, as row pairs
-// (AMX's VNNI layout of its right operand); then the threads take panels of dY's columns as they finish
-// their last (parallel.h) and pack each panel 256 rows at a time, transposed (pairs of rows interleaved,
-// then 16 x 16 blocks of 32-bit pairs transposed with AVX-512 shuffles), accumulating its rows of [N, K] in
-// fp32 tiles of 32 x 32 (onto `out` when given). Rows past M are packed as zeros. N and K must be
-// multiples of 32.
+// for [M, K] x [K, N] in the d256 recipe's profiles. Here both are packed 256 rows at a time into AMX tiles
+// -- dY transposed (pairs of rows interleaved, then 16 x 16 blocks of 32-bit pairs transposed with AVX-512
+// shuffles), X as row pairs (AMX's VNNI layout of its right operand) -- and [N, K] is summed in fp32 tiles
+// of 32 x 32 (onto `out` when given). Where dY is wider than X, X is packed whole first and the threads take
+// panels of dY's columns as they finish their last (parallel.h); otherwise the threads split the rows and
+// their sums are added at the end. Rows past M are packed as zeros. N and K must be multiples of 32.
 // weight_bias_grad also returns dY's fp32 column sums (the bias gradient), taken while dY is packed.
 #include <ATen/Parallel.h>
 #include <sys/syscall.h>
@@ -43,12 +43,12 @@ constexpr int64_t kChunk = 256;  // rows packed at once (a multiple of 32)
 
 int64_t chunk_steps(int64_t M, int64_t start) { return (std::min(kChunk, M - start) + 31) / 32; }
 
-// `width` columns of a bf16 [M, *] matrix (row stride ld) packed 256 rows at a time (amx::pack; `transposed`:
-// AMX's left operand, else its right one), the chunks in parallel, chunk c at packed + c * 256 * width
-void pack_chunks(const uint16_t* src, int64_t ld, int64_t M, int64_t width, bool transposed, uint16_t* packed) {
+// X [M, K] packed whole as AMX's right operand, 256 rows at a time, the chunks in parallel, chunk c at
+// packed + c * 256 * K
+void pack_rows(const uint16_t* x, int64_t M, int64_t K, uint16_t* packed) {
   parallel_for_pieces(0, (M + kChunk - 1) / kChunk, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c)
-      pack(src, ld, M, width, c * kChunk, chunk_steps(M, c * kChunk), transposed, packed + c * kChunk * width);
+      pack(x, K, M, K, c * kChunk, chunk_steps(M, c * kChunk), false, packed + c * kChunk * K);
   });
 }
 
@@ -116,12 +116,12 @@ std::vector<at::Tensor> weight_and_bias_grad(const at::Tensor& grad, const at::T
     if (!out) result.zero_();
     return bias ? std::vector<at::Tensor>{result, at::zeros({N}, options)} : std::vector<at::Tensor>{result};
   }
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = at::get_num_threads(), chunks = (M + kChunk - 1) / kChunk;
   const uint16_t *dy = bf16_data(grad), *xp = bf16_data(x);
   if (K >= N || N < 64 * threads) {
     // X at least as wide as dY (or dY too narrow to share): the threads split the rows, each summing all of
     // [N, K] (added at the end, in order) from both operands packed 256 rows at a time
-    const int64_t chunks = (M + kChunk - 1) / kChunk, tasks = std::min(threads, chunks);
+    const int64_t tasks = std::min(threads, chunks);
     const int64_t per_task = (chunks + tasks - 1) / tasks;
     auto others = at::empty({tasks - 1, N, K}, options);
     auto task_sums = at::zeros({bias ? tasks : 0, N}, options);
@@ -155,9 +155,8 @@ std::vector<at::Tensor> weight_and_bias_grad(const at::Tensor& grad, const at::T
   // dY's columns, about 4 per thread, as they finish their last (parallel.h), and pack each 256 rows at a
   // time. Each output element is summed by one thread in row order: the result does not depend on which
   // thread took what.
-  const int64_t chunks = (M + kChunk - 1) / kChunk;
   auto x_packed = at::empty({chunks * kChunk * K}, x.options());
-  pack_chunks(xp, K, M, K, false, bf16_data_mut(x_packed));
+  pack_rows(xp, M, K, bf16_data_mut(x_packed));
   auto chunk_sums = at::zeros({bias ? chunks : 0, N}, options);  // dY's column sums per chunk
   float* sums_p = bias ? chunk_sums.data_ptr<float>() : nullptr;
   const int64_t units = N / 32, panel = std::max<int64_t>(1, units / (4 * threads));
